@@ -1,0 +1,21 @@
+# Two commands for a fresh machine: `make run` (the main job, offline) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: run test setup clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	. $(VENV)/bin/activate && bash scripts/setup.sh
+
+setup: $(PY)
+
+run: $(PY)
+	$(PY) train.py experiment=offline $(ARGS)
+
+test: $(PY)
+	$(PY) -m pytest $(ARGS)
+
+clean:
+	rm -rf outputs multirun

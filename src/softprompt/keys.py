@@ -1,0 +1,50 @@
+"""Names of the metrics and config keys that training logs and that reports and dashboards read.
+
+One place, so that renaming a key cannot silently break the report or the W&B dashboard.
+"""
+
+# metrics.json / W&B summary
+EVAL_PERPLEXITY = "eval/perplexity"
+EVAL_BASE_PERPLEXITY = "eval/base_perplexity"
+EVAL_LOSS = "eval/loss"
+EVAL_BASE_LOSS = "eval/base_loss"
+EVAL_TOKENS = "eval/tokens"
+EVAL_PPL_RATIO = "eval/perplexity_ratio"  # tuned / base: < 1 means the prompt helped
+TRAIN_LOSS = "train/loss"
+TRAIN_EPOCHS = "train/epochs"
+TRAIN_STEPS = "train/steps"
+TRAIN_RUNTIME_S = "train/runtime_s"
+TRAIN_TOKENS_PER_SECOND = "train/tokens_per_second"
+TRAIN_TRAINABLE_PARAMS = "train/trainable_params"
+TRAIN_TOTAL_PARAMS = "train/total_params"
+TRAIN_PRECISION = "train/precision"
+PEFT_NUM_VIRTUAL_TOKENS = "peft/num_virtual_tokens"
+EVAL_RUNTIME_S = "eval/runtime_s"
+
+# history (W&B curves); the x-axis of per-epoch curves is "epoch"
+EPOCH = "epoch"
+TRAIN_LEARNING_RATE = "train/learning_rate"
+TRAIN_GRAD_NORM = "train/grad_norm"
+TRAIN_STEP = "train/global_step"
+
+# W&B tables
+GENERATIONS_TABLE = "eval/generations"
+
+# config keys the sweeps vary
+CFG_NUM_VIRTUAL_TOKENS = "peft.num_virtual_tokens"
+CFG_EPOCHS = "training.epochs"
+CFG_LEARNING_RATE = "training.learning_rate"
+CFG_INIT = "peft.init"
+CFG_PEFT_METHOD = "peft.method"
+
+REQUIRED_METRICS = (
+    EVAL_PERPLEXITY,
+    EVAL_BASE_PERPLEXITY,
+    EVAL_LOSS,
+    TRAIN_LOSS,
+    TRAIN_EPOCHS,
+    TRAIN_RUNTIME_S,
+    TRAIN_TOKENS_PER_SECOND,
+    TRAIN_TRAINABLE_PARAMS,
+    PEFT_NUM_VIRTUAL_TOKENS,
+)
