@@ -1,0 +1,82 @@
+"""Shared test set-up: offline, CPU only, every cache in a temp dir; tiny models and runs.
+
+The environment is set at import time, before any test module imports transformers, datasets
+or wandb, which read these variables once.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # the checkout under test, also from a git worktree
+
+_TMP = Path(tempfile.mkdtemp(prefix="softprompt-tests-"))
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    "HF_HOME": str(_TMP / "hf"),
+    "HF_DATASETS_CACHE": str(_TMP / "hf" / "datasets"),
+    "XDG_CACHE_HOME": str(_TMP / "xdg"),
+    "SOFTPROMPT_CACHE": str(_TMP / "softprompt-cache"),
+    "WANDB_DIR": str(_TMP / "wandb"),
+    "WANDB_CACHE_DIR": str(_TMP / "wandb-cache"),
+    "WANDB_CONFIG_DIR": str(_TMP / "wandb-config"),
+    "WANDB_DATA_DIR": str(_TMP / "wandb-data"),
+    "SOFTPROMPT_QUIET": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "CUDA_VISIBLE_DEVICES": "",
+}
+os.environ.update(OFFLINE_ENV)
+for var in ("WANDB_API_KEY", "HF_TOKEN"):
+    os.environ.pop(var, None)
+
+# A tiny, fast job: 2-layer Llama with a 512-token BPE vocabulary, 4 optimizer steps.
+TINY = [
+    "model=tiny-llama",
+    "dataset=prompts_sample",
+    "training.epochs=1",
+    "training.max_steps=4",
+    "training.learning_rate=0.3",
+    "eval.max_new_tokens=8",
+    "eval.num_heldout_generations=2",
+    "wandb.mode=offline",
+]
+
+
+def compose(overrides: list[str] | None = None):
+    """The real config, composed as `python train.py OVERRIDES` would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from softprompt.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides or []))
+
+
+def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 300,
+            script: str = "train.py") -> subprocess.CompletedProcess:
+    """`python train.py ARGS` in a subprocess (for exit codes, stderr and Hydra itself)."""
+    full_env = os.environ | {"PYTHONPATH": str(ROOT / "src")} | (env or {})
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One finished tiny run, shared by the tests that only read its outputs: (run_dir, metrics)."""
+    from softprompt.run import run
+
+    run_dir = tmp_path_factory.mktemp("tiny-run")
+    metrics = run(compose(TINY), run_dir=run_dir)
+    return run_dir, metrics
