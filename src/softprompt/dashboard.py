@@ -250,7 +250,8 @@ def _wr_panel(wr, panel: Panel, width: int):
                               y=_wr_metric(wr, panel.y[0]))
     if panel.kind == "bar":
         return wr.BarPlot(title=panel.title, layout=layout, orientation="v",
-                          metrics=[_wr_metric(wr, r) for r in panel.y], groupby=_wr_metric(wr, panel.groupby),
+                          # bar charts show each run's summary value of a metric under its plain name
+                          metrics=[r.key for r in panel.y], groupby=_wr_metric(wr, panel.groupby),
                           groupby_aggfunc="mean", groupby_rangefunc="minmax")
     if panel.kind == "line":
         return wr.LinePlot(title=panel.title, layout=layout, x=_wr_metric(wr, panel.x),
