@@ -265,8 +265,8 @@ def _wr_runset(wr, spec: DashboardSpec):
     from wandb_workspaces import expr
 
     # W&B's run attributes "Sweep" and "Group" (its names, not ours)
-    filters = {"sweep": [expr.Metric("Sweep") == spec.runs.value], "group": [expr.Metric("Group") == spec.runs.value],
-               "project": ""}[spec.runs.kind]
+    filters = {"sweep": expr.And(expr.Metric("Sweep") == spec.runs.value),
+               "group": expr.And(expr.Metric("Group") == spec.runs.value), "project": ""}[spec.runs.kind]
     return wr.Runset(entity=spec.entity, project=spec.project, name=spec.runs.label, filters=filters)
 
 
