@@ -172,3 +172,52 @@ def test_cli_user_errors_exit_2(args, message):
     assert result.returncode == 2
     assert result.stderr.startswith("error:") and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_publish_updates_the_report_with_the_same_title(monkeypatch):
+    """The online path with the W&B clients stubbed: best run from the API, same-title report updated."""
+    from types import SimpleNamespace
+
+    import wandb
+    import wandb_workspaces.reports.v2.interface as itf
+
+    import softprompt.tracking as tracking
+    from softprompt.dashboard import publish
+
+    def run(name, ppl, vt):
+        return SimpleNamespace(name=name, url=f"https://w/{name}", config={"peft": {"num_virtual_tokens": vt,
+                               "init": "text"}, "training": {"epochs": 2, "learning_rate": 0.03}},
+                               summary={keys.EVAL_PERPLEXITY: ppl, keys.EVAL_BASE_PERPLEXITY: 28.0})
+
+    spec = _spec()
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, **kwargs):
+            pass
+
+        def sweep(self, path):
+            calls["sweep"] = path
+            return SimpleNamespace(config={"description": "Does a longer prompt help?"})
+
+        def runs(self, path, filters):
+            calls["runs"] = (path, filters)
+            return [run("vt4-ep2", 21.5, 4), run("vt8-ep2", 19.4, 8), SimpleNamespace(name="crashed", summary={})]
+
+        def reports(self, path):
+            return [SimpleNamespace(display_name="other", id="X"), SimpleNamespace(display_name=spec.title, id="VID")]
+
+    saved = []
+    monkeypatch.setattr(tracking, "has_login", lambda: True)
+    monkeypatch.setattr(tracking, "service_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    monkeypatch.setattr(itf.Report, "save", lambda self, **kw: saved.append(self) or self)
+    monkeypatch.setattr(itf.Report, "url", property(lambda self: f"https://w/report--{self.id}"))
+    assert publish(spec, question_given=False) == "https://w/report--VID"
+    assert calls == {"sweep": "me/softprompt/abc123", "runs": ("me/softprompt", {"sweep": "abc123"})}
+    [report] = saved
+    assert report.id == "VID"
+    text = report.blocks[0].text
+    assert "Does a longer prompt help?" in text
+    assert "`vt8-ep2`: eval/perplexity 19.400" in text and "peft.num_virtual_tokens=8" in text
+    assert "best of 2 runs" in text
