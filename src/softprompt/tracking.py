@@ -122,5 +122,12 @@ class Tracker:
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
+            from softprompt.wandb_records import wait_until_finished
+
+            sync_file = self.run.settings.sync_file
             self.run.finish(exit_code=exit_code)
             self.run = None
+            # finish() can return before the run file's last block is on disk; a reader or
+            # `wandb sync` right after the job must see the whole run
+            if sync_file and not wait_until_finished(sync_file, timeout=10.0):
+                print(f"wandb: warning: {sync_file} has no exit record yet", flush=True)
