@@ -13,7 +13,7 @@ from conftest import ROOT, TINY, compose, run_cli
 from softprompt import keys
 from softprompt.errors import UserError
 from softprompt.tracking import Tracker, config_for_wandb, resolve_mode, run_name
-from softprompt.wandb_records import find_run_files, read_run, read_runs
+from softprompt.wandb_records import config_value, read_run, read_runs
 
 # 2 epochs of 2 optimizer steps each (16 train rows, batch 8), a log line at every step
 TRACKED = [o for o in TINY if not o.startswith(("training.max_steps", "training.epochs"))] + [
@@ -235,6 +235,7 @@ def test_sweep_agent_values_are_held_once(tmp_path):
     assert r.config["peft.num_virtual_tokens"] == 3 and "num_virtual_tokens" not in r.config["peft"]
     assert r.config["training.learning_rate"] == 0.1 and "learning_rate" not in r.config["training"]
     assert r.config["seed"] == 7
+    assert config_value(r.config, "peft.num_virtual_tokens") == 3 and config_value(r.config, "training.epochs") == 1
     assert r.config["training"]["epochs"] == 1  # the rest of the nested config is whole
     # config.json keeps the full nested config
     assert json.loads((tmp_path / "run" / "config.json").read_text())["peft"]["num_virtual_tokens"] == 3

@@ -148,6 +148,23 @@ class OfflineRun:
         return {k: v for k, v in self.summary.items() if not k.startswith("_")}
 
 
+def config_value(config: dict[str, Any], dotted: str) -> Any:
+    """A config value by its dotted name, whichever way the run holds it.
+
+    Runs from `wandb agent` hold sweep parameters as flat keys (`"peft.num_virtual_tokens"`),
+    other runs only nested (`config["peft"]["num_virtual_tokens"]`); see docs/wandb.md.
+    Raises KeyError when neither is there.
+    """
+    if dotted in config:
+        return config[dotted]
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
 def find_run_files(root: str | Path) -> list[Path]:
     """The `.wandb` files under a run dir, a multirun dir, or an `offline-run-*` dir (or the file)."""
     root = Path(root)
@@ -279,3 +296,32 @@ def _tables(run: OfflineRun) -> list[TableRef]:
                     ref.columns, ref.data = content.get("columns"), content.get("data")
                 tables.append(ref)
     return tables
+
+
+def describe(run: OfflineRun) -> str:
+    """A short text account of a run file: what a reviewer would look for on the dashboard."""
+    curves: dict[str, int] = {}
+    for row in run.history:
+        for key, value in row.items():
+            if not key.startswith("_") and not isinstance(value, dict):
+                curves[key] = curves.get(key, 0) + 1
+    lines = [f"{run.path}",
+             f"  run {run.run_id} name={run.name!r} project={run.project!r} group={run.group!r} tags={run.tags}"
+             + (f" sweep={run.sweep_id}" if run.sweep_id else ""),
+             f"  finished={run.finished} exit_code={run.exit_code} history_rows={len(run.history)}",
+             "  curves (points): " + ", ".join(f"{k} ({n})" for k, n in sorted(curves.items())),
+             "  summary: " + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in sorted(run.user_summary().items()) if not isinstance(v, dict))]
+    lines += [f"  table {t.key}: {t.nrows} rows x {t.ncols} cols {t.columns or ''}" for t in run.tables]
+    lines += [f"  artifact {a.name} ({a.type}): {', '.join(sorted(a.files))}" for a in run.artifacts]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m softprompt.wandb_records RUN_DIR|MULTIRUN_DIR|FILE.wandb ...")
+    for root in sys.argv[1:]:
+        for run_file in find_run_files(root):
+            print(describe(_fold(run_file, iter_records(run_file))))
