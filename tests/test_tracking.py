@@ -225,12 +225,15 @@ def test_sweep_agent_values_are_held_once(tmp_path):
     config_util.save_config_file_from_dict(str(params), {"peft.num_virtual_tokens": {"value": 3},
                                                          "training.learning_rate": {"value": 0.1},
                                                          "seed": {"value": 7}})
-    env = {"WANDB_SWEEP_ID": "abc123", "WANDB_RUN_ID": "agentrun1", "WANDB_SWEEP_PARAM_PATH": str(params)}
+    env = {"WANDB_SWEEP_ID": "abc123", "WANDB_RUN_ID": "agentrun1", "WANDB_SWEEP_PARAM_PATH": str(params),
+           "WANDB_PROJECT": "sweep-project"}
     args = [*QUICK, "peft.num_virtual_tokens=3", "training.learning_rate=0.1", "seed=7"]
     result = run_cli([*args, f"hydra.run.dir={tmp_path}/run"], env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     r = read_run(tmp_path / "run")
     assert (r.run_id, r.sweep_id, r.finished) == ("agentrun1", "abc123", True)
+    assert r.project == "sweep-project"  # in a sweep, wandb puts the run in the sweep's project
+    assert r.name == "vt3-ep1-lr0.1-steps1-seed7"  # named from the agent's overrides
     # each value once, under the key the sweep controller looks up
     assert r.config["peft.num_virtual_tokens"] == 3 and "num_virtual_tokens" not in r.config["peft"]
     assert r.config["training.learning_rate"] == 0.1 and "learning_rate" not in r.config["training"]
