@@ -26,7 +26,8 @@ from softprompt.evaluation import eval_prompts, evaluate
 from softprompt.modeling import count_parameters, load_model
 from softprompt.peft_methods import soft_prompt_embeddings, virtual_tokens_in_logits, wrap
 from softprompt.perplexity import perplexity
-from softprompt.tracking import Tracker, resolve_mode
+from softprompt.provenance import provenance
+from softprompt.tracking import Tracker, resolve_mode, run_name
 from softprompt.training import NonFiniteLossError, build_trainer, resolve_precision
 
 
@@ -40,15 +41,6 @@ def run_directory(cfg: DictConfig, run_dir: str | Path | None) -> Path:
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def run_name(cfg: DictConfig) -> str:
-    if cfg.wandb.name:
-        return cfg.wandb.name
-    parts = [f"vt{cfg.peft.num_virtual_tokens}", f"ep{cfg.training.epochs}"]
-    if cfg.peft.method != "prompt_tuning":
-        parts.insert(0, cfg.peft.method)
-    return "-".join(parts)
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
@@ -69,7 +61,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     val_rows = tokenize(splits.validation, tokenizer, cfg.training.max_length, tokenizer_id)
     prompts = eval_prompts(cfg.eval, splits.validation)
     config = resolved(cfg) | {"data": {"fingerprint": splits.fingerprint(), "source": splits.source,
-                                       "train_rows": len(train_rows), "validation_rows": len(val_rows)}}
+                                       "train_rows": len(train_rows), "validation_rows": len(val_rows)},
+                              "provenance": provenance()}
     _write_json(out / "config.json", config)
 
     tracker = Tracker.start(cfg, out, config, run_name(cfg), mode=wandb_mode)
@@ -142,7 +135,7 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
     tracker.log_table(keys.GENERATIONS_TABLE, ["prompt", "reference", "base", "tuned"],
                       [[r["prompt"], r.get("reference", ""), r["base"], r["tuned"]] for r in rows])
     tracker.log_adapter(out / "adapter", name=f"adapter-{cfg.model.name}-{cfg.dataset.name}", metadata={
-        "base_model": loaded.base_path, "peft_method": cfg.peft.method,
+        "base_model": cfg.model.name_or_path, "base_model_path": loaded.base_path, "peft_method": cfg.peft.method,
         "num_virtual_tokens": cfg.peft.num_virtual_tokens, **metrics})
     _write_json(out / "metrics.json", metrics)
     return metrics
