@@ -12,64 +12,20 @@ import pytest
 
 from conftest import run_cli
 from softprompt import keys
-from softprompt.dashboard import RunFilter, best_run_from_dirs, build_spec, nested_get, to_report
+from softprompt.dashboard import RunFilter, best_run_from_dirs, build_spec, to_report
+from softprompt.wandb_records import config_value, read_runs
 
 
 # --- reading the tiny run's offline .wandb file ---------------------------------------------------
-
-
-def _records(path: Path):
-    """wandb's LevelDB-style log: 7-byte header, 32 KiB blocks of (crc32, length, type) chunks."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, pending = 7, 32768, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # the rest of a block too small for a chunk header is padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk = data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind == 0 and length == 0:
-            continue
-        pending = chunk if kind in (1, 2) else pending + chunk  # 1 full, 2 first, 3 middle, 4 last
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            yield record
-            pending = b""
-
-
-def _apply(target: dict, items) -> None:
-    """Summary/config updates: `key`, or `nested_key` (a path, e.g. [table key, "_type"])."""
-    for item in items:
-        path = list(item.nested_key) or [item.key]
-        node = target
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = json.loads(item.value_json)
 
 
 @pytest.fixture(scope="module")
 def logged(tiny_run):
     """(history keys, summary dict, config dict) of the tiny run, as W&B received them."""
     run_dir, _ = tiny_run
-    [wandb_file] = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    history_keys, summary, config = set(), {}, {}
-    for record in _records(wandb_file):
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            history_keys |= {"/".join(i.nested_key) or i.key for i in record.history.item}
-        elif kind == "summary":
-            _apply(summary, record.summary.update)
-        elif kind == "run":  # wandb.init(config=...) arrives with the run record
-            _apply(config, record.run.config.update)
-        elif kind == "config":
-            _apply(config, record.config.update)
-    return history_keys, summary, config
+    [run] = read_runs(run_dir)
+    history_keys = {key for row in run.history for key in row}
+    return history_keys, run.summary, run.config
 
 
 # --- the spec against the run -------------------------------------------------------------------
@@ -104,7 +60,7 @@ def test_every_key_of_the_spec_is_logged_by_a_tiny_run(logged):
         elif ref.source == "summary":
             assert isinstance(summary[ref.key], (int, float)), ref
         elif ref.source == "config":
-            assert nested_get(config, ref.key) is not None, ref
+            assert config_value(config, ref.key) is not None, ref
         else:  # a W&B table: logged as `<key>` with `_type: table-file`
             assert summary[ref.key]["_type"] == "table-file", ref
     # and the values are the run's: the tiny preset's soft prompt has 4 tokens

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from softprompt import keys
+from softprompt.wandb_records import config_value
 from softprompt.errors import UserError
 
 Source = Literal["history", "summary", "config", "table"]
@@ -170,20 +171,10 @@ def build_spec(entity: str, project: str, runs: RunFilter, title: str | None = N
 # --- best run -----------------------------------------------------------------------------------
 
 
-def nested_get(mapping: dict[str, Any], dotted: str) -> Any:
-    """`peft.num_virtual_tokens` in a nested config dict; KeyError when it is missing."""
-    value: Any = mapping
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise KeyError(dotted)
-        value = value[part]
-    return value
-
-
 def describe_best(name: str, summary_values: dict[str, Any], config_values: dict[str, Any]) -> str:
     def cfg(key: str) -> Any:
         try:
-            return nested_get(config_values, key)
+            return config_value(config_values, key)
         except KeyError:
             return "?"
 
