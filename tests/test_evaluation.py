@@ -118,50 +118,57 @@ def test_generation_shows_progress_for_several_batches(tiny, capfd):
 # --- base-evaluation cache ---------------------------------------------------------------------
 
 
-def _base_eval(cfg, counter):
+def _base_eval(cfg, counter, loaded=None):
     from softprompt.data import load_splits, tokenize
     from softprompt.evaluation import eval_prompts, evaluate_base, train_subset
     from softprompt.modeling import load_model
 
     splits = load_splits(cfg.dataset, cfg.seed)
-    loaded = load_model(cfg.model)
-    loaded.model.register_forward_hook(lambda *a: counter.append(1))
+    if loaded is None:
+        loaded = load_model(cfg.model)
+        loaded.model.register_forward_hook(lambda *a: counter.append(1))
     tid = f"tiny:{loaded.tokenizer_path}"
     val = tokenize(splits.validation, loaded.tokenizer, cfg.training.max_length, tid)
     train = tokenize(splits.train, loaded.tokenizer, cfg.training.max_length, tid)
-    return evaluate_base(loaded, val, train_subset(train, cfg.eval), eval_prompts(cfg.eval, splits.validation), cfg)
+    result = evaluate_base(loaded, val, train_subset(train, cfg.eval), eval_prompts(cfg.eval, splits.validation), cfg)
+    return result, loaded
 
 
 def test_base_evaluation_is_cached_and_recomputed_on_change(tmp_path, monkeypatch):
-    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "cache"))
-    base = TINY + ["eval.max_new_tokens=4", "dataset.max_samples=20"]
+    import softprompt.base_cache
+
+    monkeypatch.setattr(softprompt.base_cache, "cache_dir", lambda kind: tmp_path)  # an empty cache
+    base = TINY + ["eval.max_new_tokens=2", "dataset.max_samples=12", "eval.num_heldout_generations=1"]
     calls: list[int] = []
-    first, hit, _ = _base_eval(compose(base), calls)
+    (first, hit, _), loaded = _base_eval(compose(base), calls)
     assert not hit and len(calls) > 0
-    assert len(list((tmp_path / "cache" / "base_eval").glob("*.json"))) == 1
+    assert len(list(tmp_path.glob("*.json"))) == 1
 
     calls.clear()
-    again, hit, _ = _base_eval(compose(base), calls)
+    (again, hit, _), _ = _base_eval(compose(base), calls, loaded)
     assert hit and calls == []  # the model did not run
     assert again.perplexity == first.perplexity and again.generations == first.generations
     assert again.train_perplexity == first.train_perplexity and again.seconds == first.seconds
 
-    changes = [["dataset.max_samples=21"],  # other rows
-               ["eval.max_new_tokens=5"],  # other generation settings
+    changes = [["dataset.max_samples=13"],  # other rows
+               ["eval.max_new_tokens=3"],  # other generation settings
                ["training.max_length=16"],  # other tokens
                ["eval.train_perplexity_rows=3"],
-               ["eval.prompts=[Tell me a story.]"],
-               ["model.tiny.num_layers=1"]]  # another model
+               ["eval.prompts=[Tell me a story.]"]]
     for change in changes:
         calls.clear()
-        _, hit, _ = _base_eval(compose(base + change), calls)
+        (_, hit, _), _ = _base_eval(compose(base + change), calls, loaded)
         assert not hit and len(calls) > 0, change
     calls.clear()
-    _, hit, _ = _base_eval(compose(base + ["eval.cache_base=false"]), calls)
+    (_, hit, _), _ = _base_eval(compose(base + ["eval.cache_base=false"]), calls, loaded)
     assert not hit and len(calls) > 0
     calls.clear()
-    _, hit, _ = _base_eval(compose(base + ["peft.num_virtual_tokens=9", "training.epochs=3"]), calls)
+    (_, hit, _), _ = _base_eval(compose(base + ["model.tiny.num_layers=1"]), calls)  # another model
+    assert not hit and len(calls) > 0
+    calls.clear()
+    (_, hit, _), _ = _base_eval(compose(base + ["peft.num_virtual_tokens=9", "training.epochs=3"]), calls, loaded)
     assert hit and calls == []  # what a sweep varies does not touch the base evaluation
+    assert len(list(tmp_path.glob("*.json"))) == 1 + len(changes) + 1
 
 
 # --- generation metrics ------------------------------------------------------------------------
