@@ -115,6 +115,8 @@ class EvalConfig:
     heldout_prefix_fraction: float = 0.3
     per_epoch: bool = True
     cache_base: bool = True
+    # rows of the training split scored for train/perplexity (base and tuned); 0: none
+    train_perplexity_rows: int = 32
 
 
 @dataclass
@@ -199,6 +201,8 @@ def validate(cfg: DictConfig) -> None:
     _check(e.batch_size >= 1, f"eval.batch_size must be >= 1 (got {e.batch_size})")
     _check(e.num_heldout_generations >= 0,
            f"eval.num_heldout_generations must be >= 0 (got {e.num_heldout_generations})")
+    _check(e.train_perplexity_rows >= 0,
+           f"eval.train_perplexity_rows must be >= 0 (got {e.train_perplexity_rows})")
     _check(0 < e.heldout_prefix_fraction < 1,
            f"eval.heldout_prefix_fraction must be in (0, 1) (got {e.heldout_prefix_fraction})")
     _check(w.mode in WANDB_MODES, f"wandb.mode={w.mode!r} is not one of {', '.join(WANDB_MODES)}")

@@ -19,7 +19,24 @@ TRAIN_TRAINABLE_PARAMS = "train/trainable_params"
 TRAIN_TOTAL_PARAMS = "train/total_params"
 TRAIN_PRECISION = "train/precision"
 PEFT_NUM_VIRTUAL_TOKENS = "peft/num_virtual_tokens"
-EVAL_RUNTIME_S = "eval/runtime_s"
+EVAL_RUNTIME_S = "eval/runtime_s"  # evaluation time this run spent (base + tuned)
+EVAL_BASE_RUNTIME_S = "eval/base_runtime_s"  # base evaluation time this run spent (~0 on a cache hit)
+EVAL_BASE_COMPUTE_S = "eval/base_compute_s"  # what the base evaluation cost when it was computed
+EVAL_TUNED_RUNTIME_S = "eval/tuned_runtime_s"
+EVAL_BASE_CACHED = "eval/base_cached"  # 1: the base evaluation came from the on-disk cache
+# perplexity on the first eval.train_perplexity_rows rows of the training split
+TRAIN_PERPLEXITY = "train/perplexity"
+TRAIN_BASE_PERPLEXITY = "train/base_perplexity"
+TRAIN_PERPLEXITY_TOKENS = "train/perplexity_tokens"
+# generation metrics on the held-out examples (softprompt.gen_metrics): gen/{base,tuned}_{metric}
+GEN_EXAMPLES = "gen/examples"
+GEN_METRICS = ("rougeL", "distinct2", "repetition", "length_words")
+
+
+def gen_key(model: str, metric: str) -> str:
+    """e.g. gen_key("tuned", "rougeL") -> "gen/tuned_rougeL"."""
+    return f"gen/{model}_{metric}"
+
 
 # history (W&B curves); the x-axis of per-epoch curves is "epoch"
 EPOCH = "epoch"

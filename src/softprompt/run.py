@@ -22,7 +22,7 @@ from softprompt import keys
 from softprompt.config import resolved, validate
 from softprompt.data import load_splits, tokenize
 from softprompt.errors import UserError
-from softprompt.evaluation import eval_prompts, evaluate
+from softprompt.evaluation import comparison_metrics, eval_prompts, evaluate, evaluate_base, train_subset
 from softprompt.modeling import count_parameters, load_model
 from softprompt.peft_methods import soft_prompt_embeddings, virtual_tokens_in_logits, wrap
 from softprompt.perplexity import perplexity
@@ -78,16 +78,17 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
 def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker) -> dict[str, Any]:
     tokenizer = loaded.tokenizer
-    base = evaluate(loaded.model, tokenizer, val_rows, prompts, cfg, label="base")
-    print(f"base model: held-out perplexity {base.perplexity.perplexity:.3f} on {base.perplexity.tokens} tokens",
-          flush=True)
+    train_ppl_rows = train_subset(train_rows, cfg.eval)
+    base, base_cached, base_seconds = evaluate_base(loaded, val_rows, train_ppl_rows, prompts, cfg)
+    print(f"base model: held-out perplexity {base.perplexity.perplexity:.3f} on {base.perplexity.tokens} tokens"
+          f"{' (cached)' if base_cached else ''}", flush=True)
 
     model = wrap(loaded.model, cfg.peft, loaded.tokenizer_path)
     n_virtual = virtual_tokens_in_logits(model)
     trainable, total = count_parameters(model)
     history: list[dict[str, Any]] = []
-    callbacks = [_EpochEval(val_rows, tokenizer.pad_token_id, cfg, n_virtual, base, tracker, history),
-                 _LogToTracker(tracker)]
+    epoch_eval = _EpochEval(val_rows, tokenizer.pad_token_id, cfg, n_virtual, base, tracker, history)
+    callbacks = [epoch_eval, _LogToTracker(tracker)]
     trainer = build_trainer(model, tokenizer, train_rows, cfg, out / "checkpoints", precision, callbacks)
     try:
         result = trainer.train()
@@ -95,8 +96,11 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
         raise UserError(str(exc)) from exc
     train_seconds = result.metrics["train_runtime"]
 
+    # the last per-epoch evaluation already scored these very weights: not computed twice
+    last = epoch_eval.last if epoch_eval.last and epoch_eval.last[0] == trainer.state.global_step else None
     tuned = evaluate(model, tokenizer, val_rows, prompts, cfg, generation_model=model.get_base_model(),
-                     soft_prompt=soft_prompt_embeddings(model), num_virtual_tokens=n_virtual, label="tuned")
+                     soft_prompt=soft_prompt_embeddings(model), num_virtual_tokens=n_virtual, label="tuned",
+                     train_rows=train_ppl_rows, validation_result=last[1] if last else None)
     print(f"tuned model: held-out perplexity {tuned.perplexity.perplexity:.3f} "
           f"(base {base.perplexity.perplexity:.3f})", flush=True)
 
@@ -107,7 +111,11 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
         keys.EVAL_BASE_LOSS: base.perplexity.loss,
         keys.EVAL_PPL_RATIO: tuned.perplexity.perplexity / base.perplexity.perplexity,
         keys.EVAL_TOKENS: tuned.perplexity.tokens,
-        keys.EVAL_RUNTIME_S: base.seconds + tuned.seconds,
+        keys.EVAL_RUNTIME_S: base_seconds + tuned.seconds,
+        keys.EVAL_BASE_RUNTIME_S: base_seconds,
+        keys.EVAL_BASE_COMPUTE_S: base.seconds,
+        keys.EVAL_TUNED_RUNTIME_S: tuned.seconds,
+        keys.EVAL_BASE_CACHED: int(base_cached),
         keys.TRAIN_LOSS: result.training_loss,
         keys.TRAIN_EPOCHS: trainer.state.epoch,
         keys.TRAIN_STEPS: trainer.state.global_step,
@@ -117,7 +125,7 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
         keys.TRAIN_TOTAL_PARAMS: total,
         keys.TRAIN_PRECISION: precision,
         keys.PEFT_NUM_VIRTUAL_TOKENS: cfg.peft.num_virtual_tokens,
-    }
+    } | comparison_metrics(base, tuned, prompts)
     rows = [{"prompt": p.prompt, **({"reference": p.reference} if p.reference is not None else {}),
              "base": b, "tuned": t} for p, b, t in zip(prompts, base.generations, tuned.generations)]
 
@@ -147,11 +155,13 @@ class _EpochEval(TrainerCallback):
     def __init__(self, val_rows, pad_id, cfg, n_virtual, base, tracker, history):
         self.val_rows, self.pad_id, self.cfg, self.n_virtual = val_rows, pad_id, cfg, n_virtual
         self.base, self.tracker, self.history = base, tracker, history
+        self.last = None  # (global_step, PerplexityResult) of the latest evaluation
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         if not self.cfg.eval.per_epoch:
             return
         result = perplexity(model, self.val_rows, self.pad_id, self.cfg.eval.batch_size * 2, self.n_virtual)
+        self.last = (state.global_step, result)
         row = {keys.EPOCH: round(state.epoch or 0, 4), keys.TRAIN_STEP: state.global_step,
                keys.EVAL_LOSS: result.loss, keys.EVAL_PERPLEXITY: result.perplexity,
                keys.EVAL_BASE_PERPLEXITY: self.base.perplexity.perplexity}

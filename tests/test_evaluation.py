@@ -1,0 +1,206 @@
+"""Evaluation: perplexity against a hand computation, batched == one-by-one greedy generation,
+the base-evaluation cache, generation metrics and what a run records."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import TINY, compose
+from softprompt import keys
+from softprompt.gen_metrics import distinct_n2, generation_metrics, repetition_rate, rouge_l
+from softprompt.generation import GenerationSettings, generate
+from softprompt.perplexity import perplexity
+
+TEXTS = ["I want you to act as a poet.", "Be yourself; everyone else is already taken.",
+         "Act as a travel guide for Rome and tell me where to eat", "Hi"]
+
+
+@pytest.fixture(scope="module", params=["bloom", "llama"])
+def tiny(request):
+    from softprompt.modeling import load_model
+
+    return load_model(compose([f"model=tiny-{request.param}"]).model)
+
+
+def _rows(tok) -> list[list[int]]:
+    return [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in TEXTS]
+
+
+def _hand_nll(model, rows, soft_prompt=None) -> tuple[float, int]:
+    """Sum of -log p(token | text before it, soft prompt) over every text token after the first,
+    one unpadded row at a time, through the plain model with inputs_embeds."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row])
+            embeds = model.get_input_embeddings()(ids)
+            if soft_prompt is not None:
+                embeds = torch.cat([soft_prompt[None], embeds], dim=1)
+            logits = model(inputs_embeds=embeds).logits[0, -len(row):]  # the text positions
+            logp = torch.log_softmax(logits.double(), dim=-1)
+            total -= sum(logp[i, row[i + 1]].item() for i in range(len(row) - 1))
+            count += len(row) - 1
+    return total, count
+
+
+def test_perplexity_equals_hand_computation_base(tiny):
+    rows = _rows(tiny.tokenizer)
+    nll, count = _hand_nll(tiny.model, rows)
+    result = perplexity(tiny.model, rows, tiny.tokenizer.pad_token_id, batch_size=3)  # padded batches
+    assert result.tokens == count == sum(len(r) - 1 for r in rows)
+    assert result.loss == pytest.approx(nll / count, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_perplexity_equals_hand_computation_with_soft_prompt(tiny):
+    from softprompt.peft_methods import soft_prompt_embeddings, virtual_tokens_in_logits, wrap
+
+    cfg = compose([f"model=tiny-{tiny.model.config.model_type}", "peft.init=random", "peft.num_virtual_tokens=3"])
+    import copy
+
+    peft_model = wrap(copy.deepcopy(tiny.model), cfg.peft, tiny.tokenizer_path)
+    with torch.no_grad():  # a prompt far from PEFT's init, so a wrong offset would show
+        peft_model.prompt_encoder["default"].embedding.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(1))
+    rows = _rows(tiny.tokenizer)
+    soft = soft_prompt_embeddings(peft_model)
+    assert soft.shape == (3, 64)
+    nll, count = _hand_nll(peft_model.get_base_model(), rows, soft)
+    base_nll, _ = _hand_nll(tiny.model, rows)
+    assert abs(nll - base_nll) > 0.1  # the prompt changes the numbers being compared
+    result = perplexity(peft_model, rows, tiny.tokenizer.pad_token_id, batch_size=3,
+                        num_virtual_tokens=virtual_tokens_in_logits(peft_model))
+    assert result.tokens == count
+    assert result.loss == pytest.approx(nll / count, rel=1e-5)
+
+
+def _hand_greedy(model, tok, prompt: str, soft_prompt, max_new: int, penalty: float) -> str:
+    """One prompt, no padding, no KV cache: argmax after a CTRL repetition penalty over the
+    prompt's ids and the ids generated so far; stops at EOS."""
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    generated: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new):
+            embeds = model.get_input_embeddings()(torch.tensor([ids + generated]))
+            if soft_prompt is not None:
+                embeds = torch.cat([soft_prompt[None], embeds], dim=1)
+            scores = model(inputs_embeds=embeds).logits[0, -1].clone()
+            seen = torch.tensor(sorted(set(ids + generated)))
+            scores[seen] = torch.where(scores[seen] < 0, scores[seen] * penalty, scores[seen] / penalty)
+            nxt = int(scores.argmax())
+            generated.append(nxt)
+            if nxt == tok.eos_token_id:
+                break
+    return tok.decode(generated, skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("with_prompt", [False, True])
+def test_batched_generation_equals_one_at_a_time(tiny, with_prompt):
+    tok = tiny.tokenizer
+    soft = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 0.5 if with_prompt else None
+    settings = GenerationSettings(max_new_tokens=12, repetition_penalty=1.5)
+    batched = generate(tiny.model, tok, TEXTS, settings, soft_prompt=soft, batch_size=4)
+    single = [generate(tiny.model, tok, [t], settings, soft_prompt=soft, batch_size=1)[0] for t in TEXTS]
+    by_hand = [_hand_greedy(tiny.model, tok, t, soft, 12, 1.5) for t in TEXTS]
+    assert batched == single == by_hand
+    assert all(by_hand) and len(set(by_hand)) == len(TEXTS)
+
+
+def test_generation_shows_progress_for_several_batches(tiny, capfd):
+    settings = GenerationSettings(max_new_tokens=2)
+    generate(tiny.model, tiny.tokenizer, TEXTS[:2], settings, batch_size=1, desc="generating (test)")
+    assert "generating (test)" in capfd.readouterr().err
+
+
+# --- base-evaluation cache ---------------------------------------------------------------------
+
+
+def _base_eval(cfg, counter, loaded=None):
+    from softprompt.data import load_splits, tokenize
+    from softprompt.evaluation import eval_prompts, evaluate_base, train_subset
+    from softprompt.modeling import load_model
+
+    splits = load_splits(cfg.dataset, cfg.seed)
+    if loaded is None:
+        loaded = load_model(cfg.model)
+        loaded.model.register_forward_hook(lambda *a: counter.append(1))
+    tid = f"tiny:{loaded.tokenizer_path}"
+    val = tokenize(splits.validation, loaded.tokenizer, cfg.training.max_length, tid)
+    train = tokenize(splits.train, loaded.tokenizer, cfg.training.max_length, tid)
+    result = evaluate_base(loaded, val, train_subset(train, cfg.eval), eval_prompts(cfg.eval, splits.validation), cfg)
+    return result, loaded
+
+
+def test_base_evaluation_is_cached_and_recomputed_on_change(tmp_path, monkeypatch):
+    import softprompt.base_cache
+
+    monkeypatch.setattr(softprompt.base_cache, "cache_dir", lambda kind: tmp_path)  # an empty cache
+    base = TINY + ["eval.max_new_tokens=2", "dataset.max_samples=12", "eval.num_heldout_generations=1"]
+    calls: list[int] = []
+    (first, hit, _), loaded = _base_eval(compose(base), calls)
+    assert not hit and len(calls) > 0
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+    calls.clear()
+    (again, hit, _), _ = _base_eval(compose(base), calls, loaded)
+    assert hit and calls == []  # the model did not run
+    assert again.perplexity == first.perplexity and again.generations == first.generations
+    assert again.train_perplexity == first.train_perplexity and again.seconds == first.seconds
+
+    changes = [["dataset.max_samples=13"],  # other rows
+               ["eval.max_new_tokens=3"],  # other generation settings
+               ["training.max_length=16"],  # other tokens
+               ["eval.train_perplexity_rows=3"],
+               ["eval.prompts=[Tell me a story.]"]]
+    for change in changes:
+        calls.clear()
+        (_, hit, _), _ = _base_eval(compose(base + change), calls, loaded)
+        assert not hit and len(calls) > 0, change
+    calls.clear()
+    (_, hit, _), _ = _base_eval(compose(base + ["eval.cache_base=false"]), calls, loaded)
+    assert not hit and len(calls) > 0
+    calls.clear()
+    (_, hit, _), _ = _base_eval(compose(base + ["model.tiny.num_layers=1"]), calls)  # another model
+    assert not hit and len(calls) > 0
+    calls.clear()
+    (_, hit, _), _ = _base_eval(compose(base + ["peft.num_virtual_tokens=9", "training.epochs=3"]), calls, loaded)
+    assert hit and calls == []  # what a sweep varies does not touch the base evaluation
+    assert len(list(tmp_path.glob("*.json"))) == 1 + len(changes) + 1
+
+
+# --- generation metrics ------------------------------------------------------------------------
+
+
+def test_generation_metrics_values():
+    assert distinct_n2(["a b a b"]) == pytest.approx(2 / 3)
+    assert distinct_n2(["a b", "a b c"]) == pytest.approx(2 / 3)  # pooled: (a,b) twice, (b,c) once
+    assert repetition_rate("A b a B") == pytest.approx(1 / 3)  # lower-cased words
+    assert repetition_rate("one") == 0.0
+    assert rouge_l("the cat sat", "the cat sat on the mat") == pytest.approx(2 / 3)  # P=1, R=1/2
+    values = generation_metrics(["the cat sat", ""], ["the cat sat on the mat", "x y"])
+    assert values == pytest.approx({"rougeL": 1 / 3, "distinct2": 1.0, "repetition": 0.0, "length_words": 1.5})
+    assert generation_metrics([], []) == {}
+
+
+def test_run_records_gen_metrics_and_references(tiny_run):
+    run_dir, metrics = tiny_run
+    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    held = [r for r in rows if "reference" in r]
+    assert len(held) == 2 and all(r["reference"] and r["prompt"] for r in held)
+    assert on_disk[keys.GEN_EXAMPLES] == 2
+    for label in ("base", "tuned"):
+        expected = generation_metrics([r[label] for r in held], [r["reference"] for r in held])
+        for name in keys.GEN_METRICS:
+            assert on_disk[keys.gen_key(label, name)] == pytest.approx(expected[name]), (label, name)
+    assert on_disk[keys.TRAIN_PERPLEXITY] > 1 and on_disk[keys.TRAIN_BASE_PERPLEXITY] > 1
+    assert on_disk[keys.TRAIN_PERPLEXITY_TOKENS] > 0
+    assert on_disk[keys.EVAL_BASE_CACHED] in (0, 1)
+    assert on_disk[keys.EVAL_RUNTIME_S] == pytest.approx(on_disk[keys.EVAL_BASE_RUNTIME_S]
+                                                         + on_disk[keys.EVAL_TUNED_RUNTIME_S])
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    # the tuned evaluation reuses the last per-epoch perplexity of the same weights
+    assert history[-1][keys.EVAL_PERPLEXITY] == on_disk[keys.EVAL_PERPLEXITY]
