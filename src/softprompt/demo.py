@@ -32,7 +32,7 @@ _SHOWN = [
 
 
 def metrics_markdown(info: AdapterInfo) -> str:
-    lines = ["| | |", "| --- | --- |",
+    lines = ["| run | |", "| --- | --- |",
              f"| method | {info.peft_type} |", f"| base model | `{info.recorded_base or '?'}` |"]
     for key, label in _SHOWN:
         if key in info.metrics:
