@@ -1,0 +1,150 @@
+"""Using a saved adapter: scripts/generate.py and the Gradio demo, on the tiny trained run."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import sys
+
+import pytest
+
+from conftest import run_cli
+from softprompt.adapters import discover, resolve
+from softprompt.errors import UserError
+
+
+def _generations(run_dir):
+    return [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+
+
+def test_generate_json_reproduces_the_runs_own_generations(tiny_run, capsys):
+    """Greedy with the run's eval settings, the CLI gives exactly what the run wrote at the end of
+    training, for base and tuned: same base model, same soft prompt, same placement."""
+    from softprompt.generate_cli import main
+
+    run_dir, _ = tiny_run
+    rows = _generations(run_dir)
+    assert main([str(run_dir), *[r["prompt"] for r in rows], "--json"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert got == [{"prompt": r["prompt"], "base": r["base"], "tuned": r["tuned"]} for r in rows]
+    assert any(r["base"] != r["tuned"] for r in got)  # the trained prompt changes the output
+
+
+def test_generate_text_output_side_by_side_from_adapter_dir_and_stdin(tiny_run, capsys, monkeypatch):
+    from softprompt.generate_cli import main
+
+    run_dir, _ = tiny_run
+    row = _generations(run_dir)[0]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(row["prompt"] + "\n\n"))
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main([str(run_dir / "adapter"), "-", "--max-new-tokens", "8", "--repetition-penalty", "1.5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"adapter {run_dir / 'adapter'} (PROMPT_TUNING) on base ")
+    assert lines[1] == "greedy, max_new_tokens 8, repetition_penalty 1.5"
+    assert f"[1/1] {row['prompt']}" in lines
+    header = next(line for line in lines if "- base -" in line)
+    assert " tuned " in header and " | " in header
+    body = lines[lines.index(header) + 1]
+    left, right = body.split(" | ")
+    # the columns hold the two continuations (both short enough for one line at 200 columns)
+    assert left.strip() == row["base"] and right.strip() == row["tuned"]
+
+
+def test_generate_missing_adapter_is_a_user_error(tmp_path):
+    result = run_cli([str(tmp_path / "nope"), "hello"], script="scripts/generate.py", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: adapter directory") and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_generate_foreign_dir_is_a_user_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an adapter")
+    result = run_cli([str(tmp_path), "hello"], script="scripts/generate.py", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "holds no PEFT adapter" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_foreign_adapters_are_refused_or_accepted_for_the_right_reason(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    # not a PEFT config
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(UserError, match="not a PEFT adapter config"):
+        resolve(bad)
+    # a PEFT adapter without its weights
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(run_dir / "adapter" / "adapter_config.json", empty)
+    with pytest.raises(UserError, match="has no weights"):
+        resolve(empty)
+    # saved by another tool (no softprompt.json): the base comes from adapter_config.json
+    plain = tmp_path / "plain"
+    shutil.copytree(run_dir / "adapter", plain)
+    (plain / "softprompt.json").unlink()
+    info = resolve(plain)
+    assert info.record is None and info.run_dir is None and info.metrics == {}
+    assert info.recorded_base == json.loads((run_dir / "adapter" / "softprompt.json").read_text())["base_model"]
+    # ... and the base named there must load, else the message says to pass --base
+    config = json.loads((plain / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "gone")
+    (plain / "adapter_config.json").write_text(json.dumps(config))
+    from softprompt.inference import load
+
+    with pytest.raises(UserError, match="cannot load the base model.*--base"):
+        load(plain)
+
+
+def test_discover_finds_runs_and_skips_checkpoints(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    for name in ("sweep/0", "sweep/1"):
+        shutil.copytree(run_dir / "adapter", tmp_path / name / "adapter")
+    shutil.copytree(run_dir / "adapter", tmp_path / "sweep/1/checkpoints/checkpoint-4/adapter")
+    assert list(discover(tmp_path)) == ["sweep/0", "sweep/1"]
+    assert list(discover(run_dir)) == [run_dir.name]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no adapters under"):
+        discover(tmp_path / "empty")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_demo_answers_through_gradio_client(tiny_run, tmp_path):
+    """The real server on a free localhost port, a real request through gradio_client."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    from gradio_client import Client
+
+    from softprompt.demo import build
+
+    run_dir, metrics = tiny_run
+    # a directory of two runs: the picker offers both
+    shutil.copytree(run_dir, tmp_path / "runs" / "a", ignore=shutil.ignore_patterns("wandb", "checkpoints"))
+    shutil.copytree(run_dir, tmp_path / "runs" / "b", ignore=shutil.ignore_patterns("wandb", "checkpoints"))
+    row = next(r for r in _generations(run_dir) if r["base"] != r["tuned"])
+    demo = build(discover(tmp_path / "runs"))
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        base, tuned = client.predict("b", row["prompt"], 8, 1.5, 0.0, 1.0, 0, api_name="/generate")
+        assert (base, tuned) == (row["base"], row["tuned"])
+        assert base != tuned
+        shown = client.predict("a", api_name="/metrics")
+        assert f"| held-out perplexity, tuned | {metrics['eval/perplexity']:.4g} |" in shown
+        assert "| virtual tokens | 4 |" in shown
+    finally:
+        demo.close()
+
+
+def test_demo_refuses_a_missing_dir(tmp_path):
+    result = run_cli([str(tmp_path / "nope")], script="scripts/demo.py", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: adapter directory") and "Traceback" not in result.stderr
