@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import TrainerCallback, set_seed
 
-from softprompt import keys
+from softprompt import keys, resume
 from softprompt.config import resolved, validate
 from softprompt.data import load_splits, tokenize
 from softprompt.errors import UserError
@@ -57,6 +57,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     wandb_mode = resolve_mode(cfg.wandb.mode)
     out = run_directory(cfg, run_dir)
     (out / "metrics.json").unlink(missing_ok=True)  # a rerun in the same dir is not finished yet
+    start = resume.prepare(cfg, out)  # before config.json is rewritten: resume compares with it
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
     set_seed(cfg.seed)
@@ -72,9 +73,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                                        "train_rows": len(train_rows), "validation_rows": len(val_rows)}}
     _write_json(out / "config.json", config)
 
-    tracker = Tracker.start(cfg, out, config, run_name(cfg), mode=wandb_mode)
+    tracker = Tracker.start(cfg, out, config, run_name(cfg), mode=wandb_mode, run_id=start.wandb_run_id)
+    resume.remember_wandb_id(out, tracker.run_id)
     try:
-        metrics = _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker)
+        metrics = _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker, start)
         tracker.set_summary(metrics)
     except BaseException:
         tracker.finish(exit_code=1)
@@ -83,7 +85,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     return metrics
 
 
-def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker) -> dict[str, Any]:
+def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker,
+                        start: resume.ResumePoint) -> dict[str, Any]:
     tokenizer = loaded.tokenizer
     base = evaluate(loaded.model, tokenizer, val_rows, prompts, cfg, label="base")
     print(f"base model: held-out perplexity {base.perplexity.perplexity:.3f} on {base.perplexity.tokens} tokens",
@@ -92,12 +95,13 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
     model = wrap(loaded.model, cfg.peft, loaded.tokenizer_path)
     n_virtual = virtual_tokens_in_logits(model)
     trainable, total = count_parameters(model)
-    history: list[dict[str, Any]] = []
+    history: list[dict[str, Any]] = list(start.state.get("history", []))  # epochs before a resume
     callbacks = [_EpochEval(val_rows, tokenizer.pad_token_id, cfg, n_virtual, base, tracker, history),
                  _LogToTracker(tracker)]
-    trainer = build_trainer(model, tokenizer, train_rows, cfg, out / "checkpoints", precision, callbacks)
+    trainer = build_trainer(model, tokenizer, train_rows, cfg, resume.checkpoint_dir(out), precision, callbacks)
+    trainer.history, trainer.resume_state = history, start.state  # carried in each checkpoint
     try:
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
     except NonFiniteLossError as exc:
         raise UserError(str(exc)) from exc
     train_seconds = result.metrics["train_runtime"]
@@ -115,7 +119,7 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
         keys.EVAL_PPL_RATIO: tuned.perplexity.perplexity / base.perplexity.perplexity,
         keys.EVAL_TOKENS: tuned.perplexity.tokens,
         keys.EVAL_RUNTIME_S: base.seconds + tuned.seconds,
-        keys.TRAIN_LOSS: result.training_loss,
+        keys.TRAIN_LOSS: _whole_run_loss(result.training_loss, trainer.state.global_step, start),
         keys.TRAIN_EPOCHS: trainer.state.epoch,
         keys.TRAIN_STEPS: trainer.state.global_step,
         keys.TRAIN_RUNTIME_S: train_seconds,
@@ -123,6 +127,7 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
         keys.TRAIN_TRAINABLE_PARAMS: trainable,
         keys.TRAIN_TOTAL_PARAMS: total,
         keys.TRAIN_PRECISION: precision,
+        keys.TRAIN_RESUMED_FROM_STEP: start.step,
         keys.PEFT_NUM_VIRTUAL_TOKENS: cfg.peft.num_virtual_tokens,
     }
     rows = [{"prompt": p.prompt, **({"reference": p.reference} if p.reference is not None else {}),
@@ -146,6 +151,14 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
         "num_virtual_tokens": cfg.peft.num_virtual_tokens, **metrics})
     _write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def _whole_run_loss(loss_this_attempt: float, global_step: int, start: resume.ResumePoint) -> float:
+    # HF's training_loss averages only the steps of this train() call; a resumed run reports the
+    # mean over all steps, as the uninterrupted run would
+    steps_now = global_step - start.step
+    total = start.state.get("loss_sum", 0.0) + loss_this_attempt * steps_now
+    return total / max(global_step, 1)
 
 
 class _EpochEval(TrainerCallback):

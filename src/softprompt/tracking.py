@@ -73,7 +73,9 @@ class Tracker:
         self.run = run
 
     @classmethod
-    def start(cls, cfg: DictConfig, run_dir: Path, config: dict[str, Any], name: str, mode: str) -> "Tracker":
+    def start(cls, cfg: DictConfig, run_dir: Path, config: dict[str, Any], name: str, mode: str,
+              run_id: str | None = None) -> "Tracker":
+        """`run_id`: continue that W&B run (a resumed training run), else start a new one."""
         import wandb
 
         if mode == "disabled":
@@ -88,10 +90,16 @@ class Tracker:
             dir=str(run_dir),
             config=config,
             mode=mode,
+            id=run_id,
+            resume="allow" if run_id else None,
             # a Hydra multirun calls us once per job in one process: never reuse the last run
             reinit="create_new",
         )
         return cls(run)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
 
     @property
     def active(self) -> bool:
