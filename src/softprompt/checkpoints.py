@@ -115,9 +115,7 @@ class AtomicCheckpointsMixin:
         state = {"global_step": self.state.global_step, "loss_sum": self.loss_sum(),
                  "history": list(self.history or [])}
         (written / STATE_FILE).write_text(json.dumps(state))
-        delay = float(os.environ.get("SOFTPROMPT_TEST_SAVE_DELAY", "0") or 0)
-        if delay:
-            time.sleep(delay)  # test-only: a window in which the checkpoint is half written
+        _test_save_delay(self.state.global_step)
         (written / COMPLETE).write_text("")
         _fsync_tree(written)
         target = root / name
@@ -142,6 +140,24 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.generator = torch.Generator().manual_seed(self.seed + int(epoch))
+
+
+def _test_save_delay(step: int) -> None:
+    # test-only: SOFTPROMPT_TEST_SAVE_DELAY=SECONDS[@FROM_STEP] opens a window in which the
+    # checkpoint's files are written but not committed, for saves at FROM_STEP or later
+    spec = os.environ.get("SOFTPROMPT_TEST_SAVE_DELAY")
+    if not spec:
+        return
+    seconds, _, from_step = spec.partition("@")
+    if step >= int(from_step or 0):
+        time.sleep(float(seconds))
+
+
+def remove_staging(directory: Path) -> None:
+    """Drop what a kill during a save left behind (never a committed checkpoint)."""
+    if directory.is_dir():
+        for path in directory.glob(".staging-*"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def clear(directory: Path) -> None:

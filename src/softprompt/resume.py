@@ -46,6 +46,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> ResumePoint:
             checkpoints.clear(ckpt_dir)
         (run_dir / WANDB_ID_FILE).unlink(missing_ok=True)
         return ResumePoint()
+    checkpoints.remove_staging(ckpt_dir)
     latest = checkpoints.latest_checkpoint(ckpt_dir)
     if latest is None:
         print(f"training.resume=true but {ckpt_dir} holds no complete checkpoint; starting from step 0", flush=True)

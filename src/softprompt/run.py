@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 from transformers import TrainerCallback, set_seed
 
 from softprompt import keys, resume
-from softprompt.config import resolved, validate
+from softprompt import preflight
+from softprompt.config import resolved
 from softprompt.data import load_splits, tokenize
 from softprompt.errors import UserError
 from softprompt.evaluation import eval_prompts, evaluate
@@ -53,7 +54,7 @@ def run_name(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     # --- setup: every check a user can fail comes before any model is loaded -------------------
-    validate(cfg)
+    preflight.check(cfg)
     wandb_mode = resolve_mode(cfg.wandb.mode)
     out = run_directory(cfg, run_dir)
     (out / "metrics.json").unlink(missing_ok=True)  # a rerun in the same dir is not finished yet
