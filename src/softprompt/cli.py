@@ -16,15 +16,8 @@ from softprompt.config import CONF_DIR, register_schema
 from softprompt.errors import UserError, report_and_exit
 
 
-# True while a job runs: an OmegaConf/Hydra exception raised then is a bug in our code (traceback),
-# one raised outside a job is Hydra composing the user's command line (an `error:` line)
-_in_job = False
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    global _in_job
-    _in_job = True
     try:
         # the cheap checks first: a bad value fails in about a second, before torch is imported
         from softprompt import preflight
@@ -35,8 +28,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         metrics = run(cfg)
     except UserError as exc:
         report_and_exit(str(exc))
-    finally:
-        _in_job = False
+    except Exception as exc:
+        # an OmegaConf/Hydra exception raised inside the job is a bug in our code (traceback);
+        # one raised outside it is Hydra composing the user's command line (an `error:` line)
+        exc.softprompt_in_job = True  # type: ignore[attr-defined]
+        raise
     # returned so that Hydra sweepers that optimise a value (e.g. Optuna) can read it
     return metrics.get("eval/perplexity")
 
@@ -47,7 +43,8 @@ def _is_user_error(exc: BaseException) -> bool:
 
     if isinstance(exc, UserError):
         return True
-    return not _in_job and isinstance(exc, (HydraException, OmegaConfBaseException))
+    in_job = getattr(exc, "softprompt_in_job", False)
+    return not in_job and isinstance(exc, (HydraException, OmegaConfBaseException))
 
 
 def _check_arguments() -> None:
