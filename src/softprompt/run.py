@@ -57,8 +57,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     preflight.check(cfg)
     wandb_mode = resolve_mode(cfg.wandb.mode)
     out = run_directory(cfg, run_dir)
-    (out / "metrics.json").unlink(missing_ok=True)  # a rerun in the same dir is not finished yet
     start = resume.prepare(cfg, out)  # before config.json is rewritten: resume compares with it
+    (out / "metrics.json").unlink(missing_ok=True)  # a rerun in the same dir is not finished yet
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
     set_seed(cfg.seed)
