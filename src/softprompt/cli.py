@@ -18,12 +18,21 @@ from softprompt.errors import UserError, report_and_exit
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from softprompt.run import run
-
     try:
+        # the cheap checks first: a bad value fails in about a second, before torch is imported
+        from softprompt import preflight
+
+        preflight.check(cfg)
+        from softprompt.run import run
+
         metrics = run(cfg)
     except UserError as exc:
         report_and_exit(str(exc))
+    except Exception as exc:
+        # an OmegaConf/Hydra exception raised inside the job is a bug in our code (traceback);
+        # one raised outside it is Hydra composing the user's command line (an `error:` line)
+        exc.softprompt_in_job = True  # type: ignore[attr-defined]
+        raise
     # returned so that Hydra sweepers that optimise a value (e.g. Optuna) can read it
     return metrics.get("eval/perplexity")
 
@@ -32,7 +41,24 @@ def _is_user_error(exc: BaseException) -> bool:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    return isinstance(exc, (UserError, HydraException, OmegaConfBaseException))
+    if isinstance(exc, UserError):
+        return True
+    in_job = getattr(exc, "softprompt_in_job", False)
+    return not in_job and isinstance(exc, (HydraException, OmegaConfBaseException))
+
+
+def _check_arguments() -> None:
+    """Hydra's own argument parser, but a usage error is one `error:` line like every other."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def error(message: str) -> None:
+        report_and_exit(f"{message}; flags such as -m go before the overrides "
+                        "(python train.py [-m] key=value ...), see python train.py --help")
+
+    parser.error = error  # type: ignore[method-assign]
+    parser.parse_args()
 
 
 def main() -> None:
@@ -40,6 +66,7 @@ def main() -> None:
     # Hydra prints composition errors itself and exits 1; with HYDRA_FULL_ERROR it re-raises
     # them, so we can report them as user errors (exit 2) and keep tracebacks for real bugs.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    _check_arguments()
     try:
         _hydra_main()
     except Exception as exc:  # noqa: BLE001 - re-raised below unless the user can fix it

@@ -102,6 +102,7 @@ class TrainingConfig:
     num_threads: Optional[int] = None
     resume: bool = False
     save_every_epoch: bool = True
+    save_steps: Optional[int] = None  # also checkpoint every N optimizer steps (null: epochs only)
 
 
 @dataclass
@@ -194,6 +195,8 @@ def validate(cfg: DictConfig) -> None:
     _check(t.precision in PRECISIONS, f"training.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
     _check(t.lr_scheduler in SCHEDULERS,
            f"training.lr_scheduler={t.lr_scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    if t.save_steps is not None:
+        _check(t.save_steps >= 1, f"training.save_steps must be >= 1 or null (got {t.save_steps})")
     if t.num_threads is not None:
         _check(t.num_threads >= 1, f"training.num_threads must be >= 1 or null (got {t.num_threads})")
     _check(e.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1 (got {e.max_new_tokens})")

@@ -18,6 +18,7 @@ TRAIN_TOKENS_PER_SECOND = "train/tokens_per_second"
 TRAIN_TRAINABLE_PARAMS = "train/trainable_params"
 TRAIN_TOTAL_PARAMS = "train/total_params"
 TRAIN_PRECISION = "train/precision"
+TRAIN_RESUMED_FROM_STEP = "train/resumed_from_step"  # 0 unless training.resume continued a checkpoint
 PEFT_NUM_VIRTUAL_TOKENS = "peft/num_virtual_tokens"
 EVAL_RUNTIME_S = "eval/runtime_s"  # evaluation time this run spent (base + tuned)
 EVAL_BASE_RUNTIME_S = "eval/base_runtime_s"  # base evaluation time this run spent (~0 on a cache hit)

@@ -18,8 +18,8 @@ import torch
 from omegaconf import DictConfig
 from transformers import TrainerCallback, set_seed
 
-from softprompt import keys
-from softprompt.config import resolved, validate
+from softprompt import keys, preflight, resume
+from softprompt.config import resolved
 from softprompt.data import load_splits, tokenize
 from softprompt.errors import UserError
 from softprompt.evaluation import comparison_metrics, eval_prompts, evaluate, evaluate_base, train_subset
@@ -45,9 +45,10 @@ def run_directory(cfg: DictConfig, run_dir: str | Path | None) -> Path:
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     # --- setup: every check a user can fail comes before any model is loaded -------------------
-    validate(cfg)
+    preflight.check(cfg)
     wandb_mode = resolve_mode(cfg.wandb.mode)
     out = run_directory(cfg, run_dir)
+    start = resume.prepare(cfg, out)  # before config.json is rewritten: resume compares with it
     (out / "metrics.json").unlink(missing_ok=True)  # a rerun in the same dir is not finished yet
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
@@ -65,9 +66,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                               "provenance": provenance()}
     _write_json(out / "config.json", config)
 
-    tracker = Tracker.start(cfg, out, config, run_name(cfg), mode=wandb_mode)
+    tracker = Tracker.start(cfg, out, config, run_name(cfg), mode=wandb_mode, run_id=start.wandb_run_id)
+    resume.remember_wandb_id(out, tracker.run_id)
     try:
-        metrics = _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker)
+        metrics = _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker, start)
         tracker.set_summary(metrics)
     except BaseException:
         tracker.finish(exit_code=1)
@@ -76,7 +78,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     return metrics
 
 
-def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker) -> dict[str, Any]:
+def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker,
+                        start: resume.ResumePoint) -> dict[str, Any]:
     tokenizer = loaded.tokenizer
     train_ppl_rows = train_subset(train_rows, cfg.eval)
     base, base_cached, base_seconds = evaluate_base(loaded, val_rows, train_ppl_rows, prompts, cfg)
@@ -86,12 +89,13 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
     model = wrap(loaded.model, cfg.peft, loaded.tokenizer_path)
     n_virtual = virtual_tokens_in_logits(model)
     trainable, total = count_parameters(model)
-    history: list[dict[str, Any]] = []
+    history: list[dict[str, Any]] = list(start.state.get("history", []))  # epochs before a resume
     epoch_eval = _EpochEval(val_rows, tokenizer.pad_token_id, cfg, n_virtual, base, tracker, history)
     callbacks = [epoch_eval, _LogToTracker(tracker)]
-    trainer = build_trainer(model, tokenizer, train_rows, cfg, out / "checkpoints", precision, callbacks)
+    trainer = build_trainer(model, tokenizer, train_rows, cfg, resume.checkpoint_dir(out), precision, callbacks)
+    trainer.history, trainer.resume_state = history, start.state  # carried in each checkpoint
     try:
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
     except NonFiniteLossError as exc:
         raise UserError(str(exc)) from exc
     train_seconds = result.metrics["train_runtime"]
@@ -116,7 +120,7 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
         keys.EVAL_BASE_COMPUTE_S: base.seconds,
         keys.EVAL_TUNED_RUNTIME_S: tuned.seconds,
         keys.EVAL_BASE_CACHED: int(base_cached),
-        keys.TRAIN_LOSS: result.training_loss,
+        keys.TRAIN_LOSS: _whole_run_loss(result.training_loss, trainer.state.global_step, start),
         keys.TRAIN_EPOCHS: trainer.state.epoch,
         keys.TRAIN_STEPS: trainer.state.global_step,
         keys.TRAIN_RUNTIME_S: train_seconds,
@@ -124,6 +128,7 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
         keys.TRAIN_TRAINABLE_PARAMS: trainable,
         keys.TRAIN_TOTAL_PARAMS: total,
         keys.TRAIN_PRECISION: precision,
+        keys.TRAIN_RESUMED_FROM_STEP: start.step,
         keys.PEFT_NUM_VIRTUAL_TOKENS: cfg.peft.num_virtual_tokens,
     } | comparison_metrics(base, tuned, prompts)
     rows = [{"prompt": p.prompt, **({"reference": p.reference} if p.reference is not None else {}),
@@ -147,6 +152,14 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
         "num_virtual_tokens": cfg.peft.num_virtual_tokens, **metrics})
     _write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def _whole_run_loss(loss_this_attempt: float, global_step: int, start: resume.ResumePoint) -> float:
+    # HF's training_loss averages only the steps of this train() call; a resumed run reports the
+    # mean over all steps, as the uninterrupted run would
+    steps_now = global_step - start.step
+    total = start.state.get("loss_sum", 0.0) + loss_this_attempt * steps_now
+    return total / max(global_step, 1)
 
 
 class _EpochEval(TrainerCallback):

@@ -202,7 +202,9 @@ class Tracker:
         self.log_model = log_model
 
     @classmethod
-    def start(cls, cfg: DictConfig, run_dir: Path, config: dict[str, Any], name: str, mode: str) -> "Tracker":
+    def start(cls, cfg: DictConfig, run_dir: Path, config: dict[str, Any], name: str, mode: str,
+              run_id: str | None = None) -> "Tracker":
+        """`run_id`: continue that W&B run (a resumed training run), else start a new one."""
         if mode == "disabled":
             return cls(None)  # no wandb import, no wandb/ directory
         import wandb
@@ -218,6 +220,8 @@ class Tracker:
             dir=str(run_dir),
             config=wandb_config,
             mode=mode,
+            id=run_id,
+            resume="allow" if run_id else None,
             # a Hydra multirun calls us once per job in one process: never reuse the last run
             reinit="create_new",
         )
@@ -228,6 +232,10 @@ class Tracker:
             raise
         print(f"wandb: run {run.id} ({name}, {mode}) in {Path(run.dir).parent}", flush=True)
         return cls(run, log_model=bool(cfg.wandb.log_model))
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
 
     @property
     def active(self) -> bool:

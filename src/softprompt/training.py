@@ -19,6 +19,8 @@ import torch
 from omegaconf import DictConfig
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from softprompt.checkpoints import AtomicCheckpointsMixin, SaveSchedule
+
 
 class NonFiniteLossError(RuntimeError):
     pass
@@ -75,8 +77,9 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if cpu_has_bf16_matmul() else "fp32"
 
 
-class SoftpromptTrainer(Trainer):
-    """`Trainer` that refuses to go on after a NaN/inf loss (the default logs a filtered mean)."""
+class SoftpromptTrainer(AtomicCheckpointsMixin, Trainer):
+    """`Trainer` that refuses to go on after a NaN/inf loss (the default logs a filtered mean) and
+    writes its checkpoints atomically (softprompt.checkpoints)."""
 
     real_tokens = 0  # non-pad, non-virtual tokens trained on: what tokens/s counts
 
@@ -107,7 +110,10 @@ def training_arguments(cfg: DictConfig, output_dir: Path, precision: str) -> Tra
         logging_first_step=True,
         logging_nan_inf_filter=False,
         eval_strategy="no",  # our per-epoch perplexity callback evaluates token-weighted
-        save_strategy="no",  # checkpoints are written atomically by softprompt.checkpoints
+        # checkpoints are written atomically by softprompt.checkpoints; SaveSchedule adds one at
+        # every epoch end and at the last step
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
         report_to="none",  # softprompt.tracking logs to W&B with the keys of metrics.json
         bf16=precision == "bf16",
         use_cpu=not torch.cuda.is_available(),
@@ -129,5 +135,5 @@ def build_trainer(model, tokenizer, train_rows: list[list[int]], cfg: DictConfig
         train_dataset=TokenDataset(train_rows),
         data_collator=PaddingCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[*callbacks, SaveSchedule(cfg.training.save_every_epoch)],
     )
