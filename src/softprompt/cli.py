@@ -76,12 +76,21 @@ def main() -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    first = text.splitlines()[0]
-    cause = exc.__cause__
-    if cause is not None and str(cause).strip() and str(cause).strip().splitlines()[0] not in first:
-        first = f"{first}: {str(cause).strip().splitlines()[0]}"
-    return first
+    """Hydra/OmegaConf messages span lines ("In 'training/default': ... composing config:" then
+    the reason, then `full_key:` details); keep the lines that say what is wrong."""
+    parts: list[str] = []
+    for source in (exc, exc.__cause__):
+        if source is None:
+            continue
+        for line in str(source).strip().splitlines():
+            line = line.strip()
+            if line.startswith("Config search path"):
+                break  # what follows is Hydra's search path, not the problem
+            if not line or line.startswith(("full_key:", "object_type", "reference_type")):
+                continue
+            if line not in parts:
+                parts.append(line)
+    return " ".join(parts) or type(exc).__name__
 
 
 if __name__ == "__main__":
