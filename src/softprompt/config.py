@@ -115,6 +115,8 @@ class EvalConfig:
     heldout_prefix_fraction: float = 0.3
     per_epoch: bool = True
     cache_base: bool = True
+    # neighbours per virtual token in prompt_tokens.jsonl (prompt tuning, p-tuning)
+    nearest_tokens: int = 5
 
 
 @dataclass
@@ -197,6 +199,7 @@ def validate(cfg: DictConfig) -> None:
     _check(e.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1 (got {e.max_new_tokens})")
     _check(e.repetition_penalty > 0, f"eval.repetition_penalty must be > 0 (got {e.repetition_penalty})")
     _check(e.batch_size >= 1, f"eval.batch_size must be >= 1 (got {e.batch_size})")
+    _check(e.nearest_tokens >= 1, f"eval.nearest_tokens must be >= 1 (got {e.nearest_tokens})")
     _check(e.num_heldout_generations >= 0,
            f"eval.num_heldout_generations must be >= 0 (got {e.num_heldout_generations})")
     _check(0 < e.heldout_prefix_fraction < 1,

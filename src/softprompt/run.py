@@ -18,13 +18,13 @@ import torch
 from omegaconf import DictConfig
 from transformers import TrainerCallback, set_seed
 
-from softprompt import keys
+from softprompt import distributed, interpret, keys
 from softprompt.config import resolved, validate
 from softprompt.data import load_splits, tokenize
 from softprompt.errors import UserError
 from softprompt.evaluation import eval_prompts, evaluate
 from softprompt.modeling import count_parameters, load_model
-from softprompt.peft_methods import soft_prompt_embeddings, virtual_tokens_in_logits, wrap
+from softprompt.peft_methods import soft_prompt_embeddings, tuned_generation, virtual_tokens_in_logits, wrap
 from softprompt.perplexity import perplexity
 from softprompt.tracking import Tracker, resolve_mode
 from softprompt.training import NonFiniteLossError, build_trainer, resolve_precision
@@ -45,7 +45,8 @@ def run_directory(cfg: DictConfig, run_dir: str | Path | None) -> Path:
 def run_name(cfg: DictConfig) -> str:
     if cfg.wandb.name:
         return cfg.wandb.name
-    parts = [f"vt{cfg.peft.num_virtual_tokens}", f"ep{cfg.training.epochs}"]
+    size = f"r{cfg.peft.lora_r}" if cfg.peft.method == "lora" else f"vt{cfg.peft.num_virtual_tokens}"
+    parts = [size, f"ep{cfg.training.epochs}"]
     if cfg.peft.method != "prompt_tuning":
         parts.insert(0, cfg.peft.method)
     return "-".join(parts)
@@ -54,9 +55,13 @@ def run_name(cfg: DictConfig) -> str:
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     # --- setup: every check a user can fail comes before any model is loaded -------------------
     validate(cfg)
-    wandb_mode = resolve_mode(cfg.wandb.mode)
+    if run_dir is None:
+        distributed.check_run_dir_is_shared()
+    main = distributed.is_main()  # under torchrun/accelerate only rank 0 logs, evaluates and writes
+    wandb_mode = resolve_mode(cfg.wandb.mode) if main else "disabled"
     out = run_directory(cfg, run_dir)
-    (out / "metrics.json").unlink(missing_ok=True)  # a rerun in the same dir is not finished yet
+    if main:
+        (out / "metrics.json").unlink(missing_ok=True)  # a rerun in the same dir is not finished yet
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
     set_seed(cfg.seed)
@@ -70,7 +75,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     prompts = eval_prompts(cfg.eval, splits.validation)
     config = resolved(cfg) | {"data": {"fingerprint": splits.fingerprint(), "source": splits.source,
                                        "train_rows": len(train_rows), "validation_rows": len(val_rows)}}
-    _write_json(out / "config.json", config)
+    if main:
+        _write_json(out / "config.json", config)
 
     tracker = Tracker.start(cfg, out, config, run_name(cfg), mode=wandb_mode)
     try:
@@ -85,25 +91,35 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
 def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker) -> dict[str, Any]:
     tokenizer = loaded.tokenizer
-    base = evaluate(loaded.model, tokenizer, val_rows, prompts, cfg, label="base")
-    print(f"base model: held-out perplexity {base.perplexity.perplexity:.3f} on {base.perplexity.tokens} tokens",
-          flush=True)
+    main = distributed.is_main()
+    # the base model is evaluated before wrapping: LoRA injects its layers into it in place
+    base = evaluate(loaded.model, tokenizer, val_rows, prompts, cfg, label="base") if main else None
+    if main:
+        print(f"base model: held-out perplexity {base.perplexity.perplexity:.3f} on {base.perplexity.tokens} tokens",
+              flush=True)
 
     model = wrap(loaded.model, cfg.peft, loaded.tokenizer_path)
     n_virtual = virtual_tokens_in_logits(model)
+    initial_prompt = soft_prompt_embeddings(model)  # None for prefix tuning and LoRA
+    initial_prompt = initial_prompt.clone() if initial_prompt is not None else None
     trainable, total = count_parameters(model)
     history: list[dict[str, Any]] = []
-    callbacks = [_EpochEval(val_rows, tokenizer.pad_token_id, cfg, n_virtual, base, tracker, history),
-                 _LogToTracker(tracker)]
+    callbacks = [_LogToTracker(tracker)]
+    if main:
+        callbacks.insert(0, _EpochEval(val_rows, tokenizer.pad_token_id, cfg, n_virtual, base, tracker, history))
     trainer = build_trainer(model, tokenizer, train_rows, cfg, out / "checkpoints", precision, callbacks)
     try:
         result = trainer.train()
     except NonFiniteLossError as exc:
         raise UserError(str(exc)) from exc
     train_seconds = result.metrics["train_runtime"]
+    # every rank counted its own shard; all ranks reach this line once, right after training
+    real_tokens = distributed.sum_over_ranks(trainer.real_tokens)
+    if not main:
+        return {}
 
-    tuned = evaluate(model, tokenizer, val_rows, prompts, cfg, generation_model=model.get_base_model(),
-                     soft_prompt=soft_prompt_embeddings(model), num_virtual_tokens=n_virtual, label="tuned")
+    tuned = evaluate(model, tokenizer, val_rows, prompts, cfg, num_virtual_tokens=n_virtual, label="tuned",
+                     **tuned_generation(model))
     print(f"tuned model: held-out perplexity {tuned.perplexity.perplexity:.3f} "
           f"(base {base.perplexity.perplexity:.3f})", flush=True)
 
@@ -119,7 +135,7 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
         keys.TRAIN_EPOCHS: trainer.state.epoch,
         keys.TRAIN_STEPS: trainer.state.global_step,
         keys.TRAIN_RUNTIME_S: train_seconds,
-        keys.TRAIN_TOKENS_PER_SECOND: trainer.real_tokens / train_seconds,
+        keys.TRAIN_TOKENS_PER_SECOND: real_tokens / train_seconds,
         keys.TRAIN_TRAINABLE_PARAMS: trainable,
         keys.TRAIN_TOTAL_PARAMS: total,
         keys.TRAIN_PRECISION: precision,
@@ -139,6 +155,11 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
     _replace_dir(adapter_tmp, out / "adapter")
     _write_text(out / "generations.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     _write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    if initial_prompt is not None:  # prompt tuning, p-tuning: what the learned prompt is close to
+        prompt_tokens = interpret.nearest_tokens(soft_prompt_embeddings(model), model.get_input_embeddings().weight,
+                                                 tokenizer, cfg.eval.nearest_tokens, initial=initial_prompt)
+        interpret.write_jsonl(out / "prompt_tokens.jsonl", prompt_tokens)
+        tracker.log_table(interpret.TABLE_KEY, interpret.TABLE_COLUMNS, interpret.table_rows(prompt_tokens))
     tracker.log_table(keys.GENERATIONS_TABLE, ["prompt", "reference", "base", "tuned"],
                       [[r["prompt"], r.get("reference", ""), r["base"], r["tuned"]] for r in rows])
     tracker.log_adapter(out / "adapter", name=f"adapter-{cfg.model.name}-{cfg.dataset.name}", metadata={
