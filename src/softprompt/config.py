@@ -118,6 +118,8 @@ class EvalConfig:
     cache_base: bool = True
     # rows of the training split scored for train/perplexity (base and tuned); 0: none
     train_perplexity_rows: int = 32
+    # neighbours per virtual token in prompt_tokens.jsonl (prompt tuning, p-tuning)
+    nearest_tokens: int = 5
 
 
 @dataclass
@@ -202,6 +204,7 @@ def validate(cfg: DictConfig) -> None:
     _check(e.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1 (got {e.max_new_tokens})")
     _check(e.repetition_penalty > 0, f"eval.repetition_penalty must be > 0 (got {e.repetition_penalty})")
     _check(e.batch_size >= 1, f"eval.batch_size must be >= 1 (got {e.batch_size})")
+    _check(e.nearest_tokens >= 1, f"eval.nearest_tokens must be >= 1 (got {e.nearest_tokens})")
     _check(e.num_heldout_generations >= 0,
            f"eval.num_heldout_generations must be >= 0 (got {e.num_heldout_generations})")
     _check(e.train_perplexity_rows >= 0,

@@ -58,3 +58,19 @@ def soft_prompt_embeddings(peft_model: PeftModel) -> torch.Tensor | None:
         return None
     with torch.no_grad():
         return peft_model.get_prompt(batch_size=1)[0].detach()
+
+
+def tuned_generation(peft_model: PeftModel) -> dict:
+    """`evaluation.evaluate` arguments that make the tuned model generate as it was trained.
+
+    - prompt tuning, p-tuning: the base model with the soft prompt before each text;
+    - LoRA: the base model with the adapters injected (and active), nothing prepended;
+    - prefix tuning: the prefix in the key/value cache (softprompt.prefix_generation).
+    """
+    if peft_model.active_peft_config.peft_type.value == "PREFIX_TUNING":
+        from functools import partial
+
+        from softprompt.prefix_generation import generate_with_prefix
+
+        return {"generate_fn": partial(generate_with_prefix, peft_model)}
+    return {"generation_model": peft_model.get_base_model(), "soft_prompt": soft_prompt_embeddings(peft_model)}

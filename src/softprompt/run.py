@@ -18,13 +18,13 @@ import torch
 from omegaconf import DictConfig
 from transformers import TrainerCallback, set_seed
 
-from softprompt import keys, preflight, resume
+from softprompt import distributed, interpret, keys, preflight, resume
 from softprompt.config import resolved
 from softprompt.data import load_splits, tokenize
 from softprompt.errors import UserError
 from softprompt.evaluation import comparison_metrics, eval_prompts, evaluate, evaluate_base, train_subset
 from softprompt.modeling import count_parameters, load_model
-from softprompt.peft_methods import soft_prompt_embeddings, virtual_tokens_in_logits, wrap
+from softprompt.peft_methods import soft_prompt_embeddings, tuned_generation, virtual_tokens_in_logits, wrap
 from softprompt.perplexity import perplexity
 from softprompt.provenance import provenance
 from softprompt.tracking import Tracker, resolve_mode, run_name
@@ -46,10 +46,14 @@ def run_directory(cfg: DictConfig, run_dir: str | Path | None) -> Path:
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     # --- setup: every check a user can fail comes before any model is loaded -------------------
     preflight.check(cfg)
-    wandb_mode = resolve_mode(cfg.wandb.mode)
+    if run_dir is None:
+        distributed.check_run_dir_is_shared()
+    main = distributed.is_main()  # under torchrun/accelerate only rank 0 logs, evaluates and writes
+    wandb_mode = resolve_mode(cfg.wandb.mode) if main else "disabled"
     out = run_directory(cfg, run_dir)
     start = resume.prepare(cfg, out)  # before config.json is rewritten: resume compares with it
-    (out / "metrics.json").unlink(missing_ok=True)  # a rerun in the same dir is not finished yet
+    if main:
+        (out / "metrics.json").unlink(missing_ok=True)  # a rerun in the same dir is not finished yet
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
     set_seed(cfg.seed)
@@ -64,7 +68,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     config = resolved(cfg) | {"data": {"fingerprint": splits.fingerprint(), "source": splits.source,
                                        "train_rows": len(train_rows), "validation_rows": len(val_rows)},
                               "provenance": provenance()}
-    _write_json(out / "config.json", config)
+    if main:
+        _write_json(out / "config.json", config)
 
     tracker = Tracker.start(cfg, out, config, run_name(cfg), mode=wandb_mode, run_id=start.wandb_run_id)
     resume.remember_wandb_id(out, tracker.run_id)
@@ -81,17 +86,25 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker,
                         start: resume.ResumePoint) -> dict[str, Any]:
     tokenizer = loaded.tokenizer
+    main = distributed.is_main()
     train_ppl_rows = train_subset(train_rows, cfg.eval)
-    base, base_cached, base_seconds = evaluate_base(loaded, val_rows, train_ppl_rows, prompts, cfg)
-    print(f"base model: held-out perplexity {base.perplexity.perplexity:.3f} on {base.perplexity.tokens} tokens"
-          f"{' (cached)' if base_cached else ''}", flush=True)
+    base = None
+    if main:
+        # the base model is evaluated before wrapping: LoRA injects its layers into it in place
+        base, base_cached, base_seconds = evaluate_base(loaded, val_rows, train_ppl_rows, prompts, cfg)
+        print(f"base model: held-out perplexity {base.perplexity.perplexity:.3f} on {base.perplexity.tokens} tokens"
+              f"{' (cached)' if base_cached else ''}", flush=True)
 
     model = wrap(loaded.model, cfg.peft, loaded.tokenizer_path)
     n_virtual = virtual_tokens_in_logits(model)
+    initial_prompt = soft_prompt_embeddings(model)  # None for prefix tuning and LoRA
+    initial_prompt = initial_prompt.clone() if initial_prompt is not None else None
     trainable, total = count_parameters(model)
     history: list[dict[str, Any]] = list(start.state.get("history", []))  # epochs before a resume
     epoch_eval = _EpochEval(val_rows, tokenizer.pad_token_id, cfg, n_virtual, base, tracker, history)
-    callbacks = [epoch_eval, _LogToTracker(tracker)]
+    callbacks = [_LogToTracker(tracker)]
+    if main:
+        callbacks.insert(0, epoch_eval)
     trainer = build_trainer(model, tokenizer, train_rows, cfg, resume.checkpoint_dir(out), precision, callbacks)
     trainer.history, trainer.resume_state = history, start.state  # carried in each checkpoint
     try:
@@ -99,12 +112,16 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
     except NonFiniteLossError as exc:
         raise UserError(str(exc)) from exc
     train_seconds = result.metrics["train_runtime"]
+    # every rank counted its own shard; all ranks reach this line once, right after training
+    real_tokens = distributed.sum_over_ranks(trainer.real_tokens)
+    if not main:
+        return {}
 
     # the last per-epoch evaluation already scored these very weights: not computed twice
     last = epoch_eval.last if epoch_eval.last and epoch_eval.last[0] == trainer.state.global_step else None
-    tuned = evaluate(model, tokenizer, val_rows, prompts, cfg, generation_model=model.get_base_model(),
-                     soft_prompt=soft_prompt_embeddings(model), num_virtual_tokens=n_virtual, label="tuned",
-                     train_rows=train_ppl_rows, validation_result=last[1] if last else None)
+    tuned = evaluate(model, tokenizer, val_rows, prompts, cfg, num_virtual_tokens=n_virtual, label="tuned",
+                     train_rows=train_ppl_rows, validation_result=last[1] if last else None,
+                     **tuned_generation(model))
     print(f"tuned model: held-out perplexity {tuned.perplexity.perplexity:.3f} "
           f"(base {base.perplexity.perplexity:.3f})", flush=True)
 
@@ -124,7 +141,7 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
         keys.TRAIN_EPOCHS: trainer.state.epoch,
         keys.TRAIN_STEPS: trainer.state.global_step,
         keys.TRAIN_RUNTIME_S: train_seconds,
-        keys.TRAIN_TOKENS_PER_SECOND: trainer.real_tokens / train_seconds,
+        keys.TRAIN_TOKENS_PER_SECOND: real_tokens / train_seconds,
         keys.TRAIN_TRAINABLE_PARAMS: trainable,
         keys.TRAIN_TOTAL_PARAMS: total,
         keys.TRAIN_PRECISION: precision,
@@ -145,6 +162,11 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
     _replace_dir(adapter_tmp, out / "adapter")
     _write_text(out / "generations.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     _write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    if initial_prompt is not None:  # prompt tuning, p-tuning: what the learned prompt is close to
+        prompt_tokens = interpret.nearest_tokens(soft_prompt_embeddings(model), model.get_input_embeddings().weight,
+                                                 tokenizer, cfg.eval.nearest_tokens, initial=initial_prompt)
+        interpret.write_jsonl(out / "prompt_tokens.jsonl", prompt_tokens)
+        tracker.log_table(interpret.TABLE_KEY, interpret.TABLE_COLUMNS, interpret.table_rows(prompt_tokens))
     tracker.log_table(keys.GENERATIONS_TABLE, ["prompt", "reference", "base", "tuned"],
                       [[r["prompt"], r.get("reference", ""), r["base"], r["tuned"]] for r in rows])
     tracker.log_adapter(out / "adapter", name=f"adapter-{cfg.model.name}-{cfg.dataset.name}", metadata={

@@ -122,7 +122,9 @@ def run_name(cfg: DictConfig, overrides: list[str] | None = None) -> str:
     """
     if cfg.wandb.name:
         return cfg.wandb.name
-    parts = [f"vt{cfg.peft.num_virtual_tokens}", f"ep{cfg.training.epochs}"]
+    # LoRA has no virtual tokens: its size is the rank
+    size = f"r{cfg.peft.lora_r}" if cfg.peft.method == "lora" else f"vt{cfg.peft.num_virtual_tokens}"
+    parts = [size, f"ep{cfg.training.epochs}"]
     if cfg.peft.method != "prompt_tuning":
         parts.insert(0, cfg.peft.method)
     given = {o.split("=", 1)[0].lstrip("+~") for o in (hydra_overrides() if overrides is None else overrides)}
