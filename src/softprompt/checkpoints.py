@@ -102,6 +102,12 @@ class AtomicCheckpointsMixin:
         return self.resume_state.get("loss_sum", 0.0) + self._total_loss_scalar + float(self._tr_loss.item())
 
     def _save_checkpoint(self, model, trial) -> None:
+        if not self.args.should_save:
+            # multi-process runs: rank 0 alone writes and commits. The one collective in HF's
+            # save is store_flos() (an all-gather): the other ranks must join it. Their RNG states
+            # are not kept, so a DDP resume reseeds them.
+            self.store_flos()
+            return
         root = Path(self.args.output_dir)
         root.mkdir(parents=True, exist_ok=True)
         name = f"checkpoint-{self.state.global_step}"
