@@ -74,7 +74,7 @@ def test_grid_order_bayes_feedback_and_run_cap():
         planned_count(parse_sweep({"method": "random", "parameters": {"a": {"min": 0.0, "max": 1.0}}}, "r"), None)
 
 
-def test_unknown_parameter_and_bad_files_are_one_error_line(tmp_path):
+def test_unknown_parameter_and_bad_files_are_one_error_line(tmp_path, capsys):
     from softprompt.sweeping import check_parameters, parse_sweep
 
     typo = parse_sweep({"method": "grid", "parameters": {"peft.num_virtual_tokenz": {"values": [1, 2]}}}, "typo")
@@ -86,12 +86,29 @@ def test_unknown_parameter_and_bad_files_are_one_error_line(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: grid\nparameters:\n  training.epochs:\n    valuez: [1]\n")
-    for args in ([str(bad)], [str(tmp_path / "missing.yaml")], [str(ROOT / "sweeps" / "lr_init_bayes.yaml"),
-                                                               "--count", "1", "training.nope=3"]):
-        result = run_cli(args, script="scripts/sweep.py", timeout=120)
-        assert result.returncode == 2, result.stderr[-2000:]
-        lines = result.stderr.strip().splitlines()
-        assert lines[-1].startswith("error: ") and "Traceback" not in result.stderr, result.stderr[-2000:]
+    result = run_cli([str(bad)], script="scripts/sweep.py", timeout=120)  # the real command line once
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: sweep file "), \
+        result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    sweep_main = _script("sweep")
+    for args, says in (([str(tmp_path / "missing.yaml")], "does not exist"),
+                       ([str(ROOT / "sweeps" / "lr_init_bayes.yaml"), "--count", "1", "training.nope=3"], "nope")):
+        with pytest.raises(SystemExit) as exit_info:
+            sweep_main([*args, "--root", str(tmp_path)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) >= 1 and err[-1].startswith("error: ") and says in err[-1], err
+    assert not list(tmp_path.glob("sweep-*"))  # nothing ran
+
+
+def _script(name: str):
+    """A script's main(), run in this process (saves the imports a subprocess would pay again)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 def _wandb_run_ids(run_dirs: list[Path]) -> set[str]:
@@ -104,9 +121,9 @@ def _wandb_run_ids(run_dirs: list[Path]) -> set[str]:
 
 
 def test_sweep_script_runs_two_offline_jobs(tmp_path):
-    result = run_cli([str(ROOT / "sweeps" / "smoke.yaml"), "--count", "2", "model=tiny-bloom",
-                      "dataset=prompts_sample", "--root", str(tmp_path)], script="scripts/sweep.py")
-    assert result.returncode == 0, result.stderr[-3000:]
+    # the runner runs every job in this one process, as it does from the command line
+    assert _script("sweep")([str(ROOT / "sweeps" / "smoke.yaml"), "--count", "2", "model=tiny-bloom",
+                             "dataset=prompts_sample", "--root", str(tmp_path)]) == 0
     (sweep_dir,) = tmp_path.glob("sweep-smoke-*")
     run_dirs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
     assert [p.name for p in run_dirs] == ["0", "1"]
@@ -124,7 +141,7 @@ def test_sweep_script_runs_two_offline_jobs(tmp_path):
     assert [j["metric"] for j in state["jobs"]] == pytest.approx([m[keys.EVAL_PERPLEXITY] for m in metrics])
 
 
-def test_multirun_2x2_gives_four_runs_and_a_report(tmp_path):
+def test_multirun_2x2_gives_four_runs_and_a_report(tmp_path, capsys):
     sweep_dir = tmp_path / "multirun"
     result = run_cli(["-m", "model=tiny-llama", *FAST, "peft.num_virtual_tokens=1,2", "training.epochs=1,2",
                       f"hydra.sweep.dir={sweep_dir}"])
@@ -138,8 +155,8 @@ def test_multirun_2x2_gives_four_runs_and_a_report(tmp_path):
     (sweep_dir / "4").mkdir()  # a job that never finished: listed, not reported
     (sweep_dir / "4" / "config.json").write_text("{}")
 
-    result = run_cli([str(sweep_dir)], script="scripts/report.py", timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert _script("report")([str(sweep_dir)]) == 0
+    stdout = capsys.readouterr().out
     report = (sweep_dir / "report.md").read_text()
     header = next(line for line in report.splitlines() if line.startswith("| run"))
     assert header.split(" | ")[1:3] == [keys.CFG_NUM_VIRTUAL_TOKENS, keys.CFG_EPOCHS]
@@ -147,7 +164,7 @@ def test_multirun_2x2_gives_four_runs_and_a_report(tmp_path):
     assert len(rows) == 4 and sum("**best**" in r for r in rows) == 1
     ppl = [json.loads((d / "metrics.json").read_text())[keys.EVAL_PERPLEXITY] for d in run_dirs]
     assert f"{min(ppl):.4g}" in next(r for r in rows if "**best**" in r)
-    assert "skipped" in result.stdout and "4" in result.stdout
+    assert f"skipped {sweep_dir.resolve() / '4'}" in stdout and header in stdout
     for png in ("ppl_vs_virtual_tokens.png", "eval_curves.png"):
         assert (sweep_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
