@@ -55,7 +55,7 @@ def test_seed_grid_is_tokens_by_epochs():
 
 
 def test_grid_order_bayes_feedback_and_run_cap():
-    from softprompt.sweeping import Job, parse_sweep, planned_count, propose
+    from softprompt.sweeping import Job, job_overrides, parse_sweep, planned_count, propose
 
     grid = parse_sweep({"method": "grid", "parameters": {"a": {"values": [1, 2]}, "b": {"values": ["x", "y"]}}}, "g")
     done: list[Job] = []
@@ -69,7 +69,9 @@ def test_grid_order_bayes_feedback_and_run_cap():
     finished = [Job(index=i, values={"lr": lr}, run_dir=Path("."), state="finished", metrics={"m": m})
                 for i, (lr, m) in enumerate([(1e-3, 5.0), (1e-2, 2.0), (1e-1, 9.0)])]
     proposal = propose(bayes, finished)["lr"]
-    assert 1e-3 <= proposal <= 1e-1
+    assert type(proposal) is float and 1e-3 <= proposal <= 1e-1
+    (override,) = job_overrides({keys.CFG_LEARNING_RATE: proposal})
+    assert compose([override]).training.learning_rate == pytest.approx(proposal)  # a float, not np.float64(...)
     with pytest.raises(UserError, match="never ends"):
         planned_count(parse_sweep({"method": "random", "parameters": {"a": {"min": 0.0, "max": 1.0}}}, "r"), None)
 

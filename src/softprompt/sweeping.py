@@ -187,7 +187,17 @@ def propose(sweep: Sweep, done: list[Job]) -> dict[str, Any] | None:
     suggestion = sweeps.next_run(sweep.config, [_sweep_run(j) for j in done])
     if suggestion is None:
         return None
-    return {key: suggestion.config[key]["value"] for key in sweep.parameters}
+    return {key: _plain(suggestion.config[key]["value"]) for key in sweep.parameters}
+
+
+def _plain(value: Any) -> Any:
+    """NumPy scalars (what distributions sample) as Python values: repr(np.float64(0.1)) is no
+    Hydra override."""
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def planned_count(sweep: Sweep, count: int | None) -> int | None:
