@@ -178,11 +178,12 @@ def test_report_picks_up_gen_metrics_and_needs_finished_runs(tmp_path):
         d = tmp_path / str(i)
         d.mkdir()
         (d / "config.json").write_text(json.dumps({"peft": {"num_virtual_tokens": tokens}, "training": {"epochs": 2},
-                                                   "data": {"fingerprint": f"x{i}"}}))
+                                                   "data": {"fingerprint": f"x{i}"},
+                                                   "provenance": {"git": {"commit": f"c{i}"}}}))
         (d / "metrics.json").write_text(json.dumps({keys.EVAL_PERPLEXITY: ppl, keys.EVAL_BASE_PERPLEXITY: 40.0,
                                                     "gen/rougeL": 0.1 * (i + 1)}))
     report = build_report([tmp_path])
-    assert report.swept == [keys.CFG_NUM_VIRTUAL_TOKENS]  # data.* differs too but is not a setting
+    assert report.swept == [keys.CFG_NUM_VIRTUAL_TOKENS]  # data.*, provenance.* differ too: not settings
     assert report.gen_keys == ["gen/rougeL"] and report.best == 1
     header, rows = report.rows()
     assert rows[1][header.index("tuned/base")] == "0.5" and rows[1][header.index("gen/rougeL")] == "0.2"

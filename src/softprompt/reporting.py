@@ -21,7 +21,8 @@ from softprompt.errors import UserError
 # what marks a directory as a run dir (finished or not)
 RUN_MARKERS = ("metrics.json", "config.json", "history.jsonl", ".hydra", "wandb")
 # config keys that differ between runs without being a setting worth a column
-IGNORED_PREFIXES = ("data.", "wandb.", "output_dir", "eval.prompts")
+# (provenance: the code commit and package versions that run.py records beside the config)
+IGNORED_PREFIXES = ("data.", "wandb.", "output_dir", "eval.prompts", "provenance.")
 GEN_PREFIX = "gen/"
 PLOT_TOKENS = "ppl_vs_virtual_tokens.png"
 PLOT_CURVES = "eval_curves.png"
