@@ -217,10 +217,10 @@ def plot_curves(report: Report, path: Path) -> Path | None:
     for r in runs:
         rows = [h for h in r.history if keys.EVAL_PERPLEXITY in h]
         base = r.metrics.get(keys.EVAL_BASE_PERPLEXITY)
-        # epoch 0 is the base model: every curve starts where the soft prompt starts
-        xs = [0.0] + [h.get(keys.EPOCH, i + 1) for i, h in enumerate(rows)] if base else \
-             [h.get(keys.EPOCH, i + 1) for i, h in enumerate(rows)]
-        ys = ([base] if base else []) + [h[keys.EVAL_PERPLEXITY] for h in rows]
+        # no point at epoch 0: the untrained soft prompt is not the base model (it already changes
+        # the perplexity), so the base model is the dashed reference line instead
+        xs = [h.get(keys.EPOCH, i + 1) for i, h in enumerate(rows)]
+        ys = [h[keys.EVAL_PERPLEXITY] for h in rows]
         ax.plot(xs, ys, marker=".", label=_series_label(report, r.config, "") if report.swept else r.name)
         if base:
             base_values.add(round(base, 6))
