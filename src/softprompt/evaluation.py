@@ -42,14 +42,16 @@ def generation_settings(cfg: DictConfig) -> GenerationSettings:
 
 
 def evaluate(model, tokenizer, validation_rows: list[list[int]], prompts: list[EvalPrompt], cfg: DictConfig,
-             generation_model=None, soft_prompt=None, num_virtual_tokens: int = 0, label: str = "") -> ModelEval:
+             generation_model=None, soft_prompt=None, num_virtual_tokens: int = 0, label: str = "",
+             known_perplexity: PerplexityResult | None = None) -> ModelEval:
     """Perplexity of `model` on the held-out rows and its continuation of each prompt.
 
     `generation_model` is the plain transformers model used for generation (the base under a PEFT
     model); `soft_prompt` is placed before each prompt's text, as in training.
     """
     start = time.perf_counter()
-    ppl = perplexity(model, validation_rows, tokenizer.pad_token_id, cfg.eval.batch_size * 2, num_virtual_tokens)
+    ppl = known_perplexity or perplexity(model, validation_rows, tokenizer.pad_token_id, cfg.eval.batch_size * 2,
+                                         num_virtual_tokens)
     texts = generate(generation_model or model, tokenizer, [p.prompt for p in prompts], generation_settings(cfg.eval),
                      soft_prompt=soft_prompt, batch_size=cfg.eval.batch_size, desc=f"generating ({label})")
     return ModelEval(ppl, texts, time.perf_counter() - start)

@@ -1,4 +1,4 @@
-"""One prompt-tuning run, top to bottom: setup -> base eval -> train -> tuned eval -> save.
+"""One prompt-tuning run, top to bottom: setup -> base perplexity -> train -> base and tuned eval -> save.
 
 `run(cfg)` is a plain function (the Hydra entrypoint is a thin wrapper around it), so tests and
 sweeps call it directly. Everything a run leaves is in its run directory; `metrics.json` is
@@ -27,7 +27,7 @@ from softprompt.modeling import count_parameters, load_model
 from softprompt.peft_methods import soft_prompt_embeddings, virtual_tokens_in_logits, wrap
 from softprompt.perplexity import perplexity
 from softprompt.tracking import Tracker, resolve_mode
-from softprompt.training import NonFiniteLossError, build_trainer, resolve_precision
+from softprompt.training import FirstStepClock, NonFiniteLossError, build_trainer, resolve_precision
 
 
 def run_directory(cfg: DictConfig, run_dir: str | Path | None) -> Path:
@@ -85,22 +85,26 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
 def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker) -> dict[str, Any]:
     tokenizer = loaded.tokenizer
-    base = evaluate(loaded.model, tokenizer, val_rows, prompts, cfg, label="base")
-    print(f"base model: held-out perplexity {base.perplexity.perplexity:.3f} on {base.perplexity.tokens} tokens",
-          flush=True)
+    # only the base perplexity before training (the per-epoch curves show it); the base model's
+    # generations come after training: the base is frozen, and training starts seconds sooner
+    base_ppl = perplexity(loaded.model, val_rows, tokenizer.pad_token_id, cfg.eval.batch_size * 2)
+    print(f"base model: held-out perplexity {base_ppl.perplexity:.3f} on {base_ppl.tokens} tokens", flush=True)
 
     model = wrap(loaded.model, cfg.peft, loaded.tokenizer_path)
     n_virtual = virtual_tokens_in_logits(model)
     trainable, total = count_parameters(model)
     history: list[dict[str, Any]] = []
-    callbacks = [_EpochEval(val_rows, tokenizer.pad_token_id, cfg, n_virtual, base, tracker, history),
-                 _LogToTracker(tracker)]
+    first_step = FirstStepClock()
+    callbacks = [_EpochEval(val_rows, tokenizer.pad_token_id, cfg, n_virtual, base_ppl, tracker, history),
+                 _LogToTracker(tracker), first_step]
     trainer = build_trainer(model, tokenizer, train_rows, cfg, out / "checkpoints", precision, callbacks)
     try:
         result = trainer.train()
     except NonFiniteLossError as exc:
         raise UserError(str(exc)) from exc
     train_seconds = result.metrics["train_runtime"]
+
+    base = evaluate(loaded.model, tokenizer, val_rows, prompts, cfg, label="base", known_perplexity=base_ppl)
 
     tuned = evaluate(model, tokenizer, val_rows, prompts, cfg, generation_model=model.get_base_model(),
                      soft_prompt=soft_prompt_embeddings(model), num_virtual_tokens=n_virtual, label="tuned")
@@ -120,6 +124,7 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
         keys.TRAIN_STEPS: trainer.state.global_step,
         keys.TRAIN_RUNTIME_S: train_seconds,
         keys.TRAIN_TOKENS_PER_SECOND: trainer.real_tokens / train_seconds,
+        keys.TRAIN_TIME_TO_FIRST_STEP_S: first_step.seconds,
         keys.TRAIN_TRAINABLE_PARAMS: trainable,
         keys.TRAIN_TOTAL_PARAMS: total,
         keys.TRAIN_PRECISION: precision,
@@ -161,7 +166,7 @@ class _EpochEval(TrainerCallback):
         result = perplexity(model, self.val_rows, self.pad_id, self.cfg.eval.batch_size * 2, self.n_virtual)
         row = {keys.EPOCH: round(state.epoch or 0, 4), keys.TRAIN_STEP: state.global_step,
                keys.EVAL_LOSS: result.loss, keys.EVAL_PERPLEXITY: result.perplexity,
-               keys.EVAL_BASE_PERPLEXITY: self.base.perplexity.perplexity}
+               keys.EVAL_BASE_PERPLEXITY: self.base.perplexity}
         self.history.append(row)
         self.tracker.log(row)
 

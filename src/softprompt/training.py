@@ -105,6 +105,21 @@ class SoftpromptTrainer(Trainer):
         return loss
 
 
+class FirstStepClock(TrainerCallback):
+    """Seconds from process start to the end of the first optimizer step: the start-up cost a
+    user waits through (imports, model and data loading, W&B init, base evaluation)."""
+
+    seconds: float | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.seconds is None:
+            import time
+
+            import psutil
+
+            self.seconds = time.time() - psutil.Process().create_time()
+
+
 def training_arguments(cfg: DictConfig, output_dir: Path, precision: str) -> TrainingArguments:
     t = cfg.training
     return TrainingArguments(
