@@ -182,6 +182,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override for softprompt's path, e.g. training.fast_loss=false")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="also time softprompt's path with these overrides (per-change gains), e.g. "
+                        "no_fast_loss:training.fast_loss=false")
     p.add_argument("--out", default=None, help="also write the JSON here")
     return p.parse_args(argv)
 
@@ -228,6 +231,15 @@ def main(argv=None) -> dict:
         set_seed(ours_cfg.seed)
         ours, loaded, model, val_rows, n_virtual = softprompt_path(ours_cfg, splits, steps, args.warmup_steps,
                                                                    Path(tmp) / "ours", precision)
+        for spec in args.variant:
+            name, _, sets = spec.partition(":")
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                vcfg = compose(config_name="config", overrides=overrides + list(args.set) + sets.split(","))
+            set_seed(vcfg.seed)
+            vres = softprompt_path(vcfg, splits, steps, args.warmup_steps, Path(tmp) / name,
+                                   resolve_precision(vcfg.training.precision))[0]
+            result.setdefault("variants", {})[name] = vres | {
+                "overrides": sets.split(","), "speedup_of_default": ours["tokens_per_s"] / vres["tokens_per_s"]}
     result["softprompt"] = ours
     if "seed_recipe" in result:
         result["ratio"] = ours["tokens_per_s"] / result["seed_recipe"]["tokens_per_s"]
