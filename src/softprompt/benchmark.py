@@ -123,6 +123,12 @@ def softprompt_path(cfg, splits, steps: int, warmup_steps: int, out_dir: Path, p
     result = _timed_train(trainer, StepClock(), warmup_steps)
     result["rows_tokens_total"] = sum(len(r) for r in rows)
     result["fast_loss"] = trainer.fast_loss
+    # the A/B check that a speed change does not cost quality: held-out perplexity after these steps
+    from softprompt.perplexity import perplexity
+
+    result["heldout_perplexity_after"] = perplexity(model, val_rows, loaded.tokenizer.pad_token_id,
+                                                    cfg.training.eval_batch_size,
+                                                    virtual_tokens_in_logits(model)).perplexity
     return result, loaded, model, val_rows, virtual_tokens_in_logits(model)
 
 
