@@ -99,6 +99,7 @@ class TrainingConfig:
     precision: str = "auto"
     group_by_length: bool = True
     torch_compile: bool = False
+    fast_loss: bool = True  # prompt tuning: lm_head only on labelled positions (softprompt.fast_loss)
     num_threads: Optional[int] = None
     resume: bool = False
     save_every_epoch: bool = True

@@ -6,6 +6,7 @@ real datasets a few thousand rows, so an Arrow round-trip per run would cost mor
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -67,8 +68,26 @@ def load_splits(cfg: DictConfig, seed: int) -> TextSplits:
     return TextSplits(train=texts[n_val:], validation=texts[:n_val], source=source)
 
 
+class _Columns:
+    """The two things load_splits reads from a table: `column_names` and `table[column]`."""
+
+    def __init__(self, columns: dict[str, list]):
+        self.columns = columns
+        self.column_names = list(columns)
+
+    def __getitem__(self, name: str) -> list:
+        return self.columns[name]
+
+
+def _read_csv(path: Path) -> _Columns:
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        names = list(reader.fieldnames or [])
+        rows = list(reader)
+    return _Columns({name: [row.get(name) for row in rows] for name in names})
+
+
 def _read_local(path: Path):
-    from datasets import load_dataset
 
     if not path.is_file():
         raise UserError(f"dataset file {path} does not exist (dataset.path); give a csv/json/jsonl/parquet file")
@@ -77,6 +96,15 @@ def _read_local(path: Path):
         raise UserError(f"dataset file {path} has unsupported format {path.suffix!r}; use one of {', '.join(FORMATS)}")
     if not os.access(path, os.R_OK):
         raise UserError(f"dataset file {path} is not readable; check its permissions")
+    if fmt == "csv":
+        # the stdlib reads a small CSV in milliseconds; `datasets` takes seconds to import and to
+        # build and cache an Arrow copy (part of the time to the first training step)
+        try:
+            return _read_csv(path)
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise UserError(f"could not read {path} as csv: {type(exc).__name__}: {exc}") from exc
+    from datasets import load_dataset
+
     try:
         return load_dataset(fmt, data_files=str(path), split="train")
     except Exception as exc:  # the builders raise many types for a malformed file

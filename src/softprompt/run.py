@@ -1,4 +1,4 @@
-"""One prompt-tuning run, top to bottom: setup -> base eval -> train -> tuned eval -> save.
+"""One prompt-tuning run, top to bottom: setup -> base perplexity -> train -> base and tuned eval -> save.
 
 `run(cfg)` is a plain function (the Hydra entrypoint is a thin wrapper around it), so tests and
 sweeps call it directly. Everything a run leaves is in its run directory; `metrics.json` is
@@ -28,7 +28,7 @@ from softprompt.peft_methods import soft_prompt_embeddings, tuned_generation, vi
 from softprompt.perplexity import perplexity
 from softprompt.provenance import provenance
 from softprompt.tracking import Tracker, resolve_mode, run_name
-from softprompt.training import NonFiniteLossError, build_trainer, resolve_precision
+from softprompt.training import FirstStepClock, NonFiniteLossError, build_trainer, resolve_precision
 
 
 def run_directory(cfg: DictConfig, run_dir: str | Path | None) -> Path:
@@ -102,7 +102,8 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
     trainable, total = count_parameters(model)
     history: list[dict[str, Any]] = list(start.state.get("history", []))  # epochs before a resume
     epoch_eval = _EpochEval(val_rows, tokenizer.pad_token_id, cfg, n_virtual, base, tracker, history)
-    callbacks = [_LogToTracker(tracker)]
+    first_step = FirstStepClock()
+    callbacks = [_LogToTracker(tracker), first_step]
     if main:
         callbacks.insert(0, epoch_eval)
     trainer = build_trainer(model, tokenizer, train_rows, cfg, resume.checkpoint_dir(out), precision, callbacks)
@@ -142,6 +143,7 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
         keys.TRAIN_STEPS: trainer.state.global_step,
         keys.TRAIN_RUNTIME_S: train_seconds,
         keys.TRAIN_TOKENS_PER_SECOND: real_tokens / train_seconds,
+        keys.TRAIN_TIME_TO_FIRST_STEP_S: first_step.seconds,
         keys.TRAIN_TRAINABLE_PARAMS: trainable,
         keys.TRAIN_TOTAL_PARAMS: total,
         keys.TRAIN_PRECISION: precision,
@@ -199,7 +201,7 @@ class _EpochEval(TrainerCallback):
         self.last = (state.global_step, result)
         row = {keys.EPOCH: round(state.epoch or 0, 4), keys.TRAIN_STEP: state.global_step,
                keys.EVAL_LOSS: result.loss, keys.EVAL_PERPLEXITY: result.perplexity,
-               keys.EVAL_BASE_PERPLEXITY: self.base.perplexity.perplexity}
+               keys.EVAL_BASE_PERPLEXITY: self.base.perplexity}
         self.history.append(row)
         self.tracker.log(row)
 

@@ -5,6 +5,8 @@ What differs from the seed notebook's recipe, and why (each measured in scripts/
   `DataCollatorForLanguageModeling` would then drop the EOS label we append to every text;
 - batches are padded to their own longest row and grouped by length (less compute on padding);
 - bf16 autocast where the hardware has bf16 matrix units, fp32 elsewhere;
+- the loss is computed from hidden states, with the lm_head only on labelled positions
+  (softprompt.fast_loss), not on the virtual tokens and padding;
 - a non-finite loss stops the run at once, naming the step.
 """
 
@@ -20,6 +22,7 @@ from omegaconf import DictConfig
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from softprompt.checkpoints import AtomicCheckpointsMixin, SaveSchedule
+from softprompt.fast_loss import prompt_tuning_loss, supports_fast_loss
 
 
 class NonFiniteLossError(RuntimeError):
@@ -78,10 +81,20 @@ def resolve_precision(precision: str) -> str:
 
 
 class SoftpromptTrainer(AtomicCheckpointsMixin, Trainer):
-    """`Trainer` that refuses to go on after a NaN/inf loss (the default logs a filtered mean) and
-    writes its checkpoints atomically (softprompt.checkpoints)."""
+    """`Trainer` that refuses to go on after a NaN/inf loss (the default logs a filtered mean),
+    writes its checkpoints atomically (softprompt.checkpoints) and, for prompt tuning, computes
+    the loss without logits on loss-free positions (softprompt.fast_loss)."""
 
     real_tokens = 0  # non-pad, non-virtual tokens trained on: what tokens/s counts
+    fast_loss = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.fast_loss or return_outputs or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # a per-batch mean over the labelled tokens (the Trainer's num_items_in_batch counts
+        # labels[:, 1:], one short per row here: the soft prompt predicts the first token)
+        self.loss_is_scaled_for_ga = False
+        return prompt_tuning_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.real_tokens += int(inputs["attention_mask"].sum())
@@ -92,6 +105,21 @@ class SoftpromptTrainer(AtomicCheckpointsMixin, Trainer):
                 "lower training.learning_rate or use training.precision=fp32"
             )
         return loss
+
+
+class FirstStepClock(TrainerCallback):
+    """Seconds from process start to the end of the first optimizer step: the start-up cost a
+    user waits through (imports, model and data loading, W&B init, base evaluation)."""
+
+    seconds: float | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.seconds is None:
+            import time
+
+            import psutil
+
+            self.seconds = time.time() - psutil.Process().create_time()
 
 
 def training_arguments(cfg: DictConfig, output_dir: Path, precision: str) -> TrainingArguments:
@@ -129,7 +157,7 @@ def training_arguments(cfg: DictConfig, output_dir: Path, precision: str) -> Tra
 
 def build_trainer(model, tokenizer, train_rows: list[list[int]], cfg: DictConfig, output_dir: Path,
                   precision: str, callbacks: list[TrainerCallback]) -> SoftpromptTrainer:
-    return SoftpromptTrainer(
+    trainer = SoftpromptTrainer(
         model=model,
         args=training_arguments(cfg, output_dir, precision),
         train_dataset=TokenDataset(train_rows),
@@ -137,3 +165,5 @@ def build_trainer(model, tokenizer, train_rows: list[list[int]], cfg: DictConfig
         processing_class=tokenizer,
         callbacks=[*callbacks, SaveSchedule(cfg.training.save_every_epoch)],
     )
+    trainer.fast_loss = bool(cfg.training.get("fast_loss", True)) and supports_fast_loss(model)
+    return trainer

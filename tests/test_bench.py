@@ -1,0 +1,33 @@
+"""scripts/bench.py on a tiny model: both paths train, and the JSON holds real, sane numbers."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+
+
+def test_bench_tiny_model_prints_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli(["--model", "tiny-llama", "--data", "bundled", "--steps", "2", "--gen-tokens", "4",
+                    "--out", str(out)], script="scripts/bench.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout[proc.stdout.index("{\n"):])
+    assert printed == json.loads(out.read_text())
+    for path in ("seed_recipe", "softprompt"):
+        part = printed[path]
+        assert part["steps"] == 2
+        assert part["tokens_per_s"] > 0 and part["real_tokens"] > 0
+        assert part["tokens_per_s"] == part["real_tokens"] / part["seconds"]
+    assert printed["softprompt"]["fast_loss"] is True
+    assert printed["ratio"] == printed["softprompt"]["tokens_per_s"] / printed["seed_recipe"]["tokens_per_s"]
+    assert printed["ratio"] > 0
+    assert 0 < printed["mfu"] <= 1
+    assert printed["precision"] == "fp32" or "amx_bf16" in printed["run_info"]["cpu_flags"] \
+        or "avx512_bf16" in printed["run_info"]["cpu_flags"]
+    assert printed["peak_rss_mib"] > 100  # torch and transformers alone take more
+    assert printed["eval_tokens_per_s"] > 0 and printed["eval_tokens"] > 0
+    assert printed["generation_tokens_per_s"] > 0 and printed["generation_prompts"] >= 2
+    # tiny-llama: hidden 64, 2 layers, tied 512-token embedding -> N counts the lm_head once
+    assert printed["flops_per_token"] == 4 * (2 * (4 * 64 * 64 - 2 * 64 * 32 + 3 * 64 * 256 + 2 * 64) + 64
+                                              + 512 * 64)
