@@ -201,7 +201,7 @@ class _EpochEval(TrainerCallback):
         self.last = (state.global_step, result)
         row = {keys.EPOCH: round(state.epoch or 0, 4), keys.TRAIN_STEP: state.global_step,
                keys.EVAL_LOSS: result.loss, keys.EVAL_PERPLEXITY: result.perplexity,
-               keys.EVAL_BASE_PERPLEXITY: self.base.perplexity}
+               keys.EVAL_BASE_PERPLEXITY: self.base.perplexity.perplexity}
         self.history.append(row)
         self.tracker.log(row)
 

@@ -165,5 +165,8 @@ def build_trainer(model, tokenizer, train_rows: list[list[int]], cfg: DictConfig
         processing_class=tokenizer,
         callbacks=[*callbacks, SaveSchedule(cfg.training.save_every_epoch)],
     )
-    trainer.fast_loss = bool(cfg.training.get("fast_loss", True)) and supports_fast_loss(model)
+    # under DDP the forward must go through the DDP wrapper (it sets up the gradient all-reduce),
+    # which the hidden-state loss bypasses: multi-process runs use the plain PEFT forward
+    trainer.fast_loss = (bool(cfg.training.get("fast_loss", True)) and supports_fast_loss(model)
+                         and trainer.args.world_size == 1)
     return trainer
