@@ -148,3 +148,123 @@ def test_demo_refuses_a_missing_dir(tmp_path):
     result = run_cli([str(tmp_path / "nope")], script="scripts/demo.py", timeout=60)
     assert result.returncode == 2
     assert result.stderr.startswith("error: adapter directory") and "Traceback" not in result.stderr
+
+
+# --- several soft prompts on one base: the tiny prompts run and a tiny quotes run -------------
+
+@pytest.fixture(scope="session")
+def tiny_quotes_run(tmp_path_factory):
+    """A second tiny run, on the quotes sample: (run_dir, metrics). Same tiny base as tiny_run."""
+    from conftest import TINY, compose
+    from softprompt.run import run
+
+    run_dir = tmp_path_factory.mktemp("tiny-quotes")
+    overrides = [o for o in TINY if not o.startswith("dataset=")] + ["dataset=quotes_sample"]
+    return run_dir, run(compose(overrides), run_dir=run_dir)
+
+
+@pytest.fixture
+def count_base_loads(monkeypatch):
+    """How often a base model is loaded from disk (softprompt.inference's load_model)."""
+    import softprompt.inference as inference
+
+    calls = []
+    real = inference.load_model
+
+    def counting(cfg):
+        calls.append(cfg.name_or_path)
+        return real(cfg)
+
+    monkeypatch.setattr(inference, "load_model", counting)
+    return calls
+
+
+def _two_prompts(tiny_run, tiny_quotes_run) -> list[str]:
+    # a prompt from each run's own generation table
+    return [_generations(tiny_run[0])[0]["prompt"], _generations(tiny_quotes_run[0])[-1]["prompt"]]
+
+
+def test_generate_two_adapters_on_one_base_equal_each_alone(tiny_run, tiny_quotes_run, capsys, count_base_loads):
+    from softprompt.generate_cli import main
+
+    prompts = _two_prompts(tiny_run, tiny_quotes_run)
+    assert main(["--adapter", f"prompts={tiny_run[0]}", "--adapter", f"quotes={tiny_quotes_run[0] / 'adapter'}",
+                 *prompts, "--json"]) == 0
+    both = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(count_base_loads) == 1  # the base was loaded once for both adapters
+    alone = {}
+    for name, (run_dir, _) in {"prompts": tiny_run, "quotes": tiny_quotes_run}.items():
+        assert main([str(run_dir), *prompts, "--json"]) == 0
+        alone[name] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for i, row in enumerate(both):
+        assert row["prompt"] == prompts[i]
+        assert list(row["tuned"]) == ["prompts", "quotes"]
+        assert row["base"] == alone["prompts"][i]["base"] == alone["quotes"][i]["base"]
+        assert row["tuned"]["prompts"] == alone["prompts"][i]["tuned"]
+        assert row["tuned"]["quotes"] == alone["quotes"][i]["tuned"]
+    # two different soft prompts: different continuations somewhere
+    assert any(row["tuned"]["prompts"] != row["tuned"]["quotes"] for row in both)
+
+
+def test_generate_two_adapters_text_columns_named_after_runs(tiny_run, tiny_quotes_run, capsys, monkeypatch):
+    from softprompt.generate_cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    prompt = _two_prompts(tiny_run, tiny_quotes_run)[0]
+    assert main(["--adapter", str(tiny_run[0]), "--adapter", str(tiny_quotes_run[0]), prompt]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("2 adapters (PROMPT_TUNING) on base ") and lines[0].endswith("loaded once:")
+    assert lines[1:3] == [f"  {tiny_run[0].name}: {tiny_run[0] / 'adapter'}",
+                          f"  {tiny_quotes_run[0].name}: {tiny_quotes_run[0] / 'adapter'}"]
+    header = next(line for line in lines if "- base -" in line)
+    assert header.count(" | ") == 2
+    assert f" {tiny_run[0].name} " in header and f" {tiny_quotes_run[0].name} " in header
+
+
+def test_adapters_on_different_bases_are_not_shared(tiny_run, tmp_path):
+    from softprompt.inference import load_shared
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run[0] / "adapter", other)
+    record = json.loads((other / "softprompt.json").read_text())
+    record["base_model"] = str(tmp_path / "another-base")
+    (other / "softprompt.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match="do not share one base model"):
+        load_shared({"a": resolve(tiny_run[0]), "b": resolve(other)})
+
+
+def test_demo_switches_adapters_on_one_base_without_reloading(tiny_run, tiny_quotes_run, tmp_path, count_base_loads):
+    """A runs dir with a prompts and a quotes adapter on the same tiny base: both load onto one
+    base at the first request; each later request switches adapters without loading a model."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    from gradio_client import Client
+
+    from softprompt.demo import build
+
+    runs = tmp_path / "runs"
+    for name, (run_dir, _) in {"prompts": tiny_run, "quotes": tiny_quotes_run}.items():
+        shutil.copytree(run_dir, runs / name, ignore=shutil.ignore_patterns("wandb", "checkpoints"))
+    prompt = _two_prompts(tiny_run, tiny_quotes_run)[1]
+    from softprompt.inference import load
+
+    expected = {name: load(runs / name).compare([prompt], _settings())[0] for name in ("prompts", "quotes")}
+    assert expected["prompts"]["tuned"] != expected["quotes"]["tuned"]
+    count_base_loads.clear()
+    demo = build(discover(runs))
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        for name in ("quotes", "prompts", "quotes"):
+            base, tuned = client.predict(name, prompt, 8, 1.5, 0.0, 1.0, 0, api_name="/generate")
+            assert (base, tuned) == (expected[name]["base"], expected[name]["tuned"])
+        assert len(count_base_loads) == 1
+    finally:
+        demo.close()
+
+
+def _settings():
+    from softprompt.generation import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=8, repetition_penalty=1.5, do_sample=False, temperature=1.0,
+                              top_p=1.0, seed=0)

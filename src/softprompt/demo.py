@@ -1,7 +1,9 @@
 """`python scripts/demo.py ADAPTER_DIR|RUNS_DIR`: a Gradio page, base vs tuned, side by side.
 
 Given a directory of runs (a multirun or sweep dir), it offers every finished adapter under it in
-a dropdown. Adapters load on first use and the two most recent stay in memory. The generate
+a dropdown. Adapters on the same base model (and PEFT method) load together onto one copy of it,
+so the dropdown switches between them without loading anything; other bases load on first use
+and the two most recent stay in memory. The generate
 button is also an API endpoint (`api_name="generate"`) for `gradio_client`.
 Serves on 127.0.0.1 by default; `--host 0.0.0.0` exposes it to the network.
 """
@@ -51,25 +53,38 @@ def _fmt(value) -> str:
 
 
 class AdapterPool:
-    """Loaded adapters by key; the least recently used is dropped beyond `keep`."""
+    """Loaded adapters by key. Adapters that can share a base model (same base, tokenizer and PEFT
+    method: `inference.base_key`) are loaded together onto one copy of it, so switching between
+    them in the dropdown loads nothing; adapters on other bases load on first use, and beyond
+    `keep` base models the least recently used one is dropped."""
 
     def __init__(self, adapters: dict[str, AdapterInfo], base: str | None, keep: int = 2):
+        from softprompt.inference import base_key
+
         self.adapters, self.base, self.keep = adapters, base, keep
-        self._loaded: OrderedDict = OrderedDict()
+        self.groups: dict[tuple, list[str]] = {}
+        for key, info in adapters.items():
+            self.groups.setdefault(base_key(info, base), []).append(key)
+        self._group_of = {key: group for group, members in self.groups.items() for key in members}
+        self._loaded: OrderedDict = OrderedDict()  # group -> {key: LoadedAdapter}
         self._lock = threading.Lock()
 
     def get(self, key: str):
-        from softprompt.inference import load
+        from softprompt.inference import load, load_shared
 
         if key not in self.adapters:
             raise UserError(f"unknown adapter {key!r}; choose one of {', '.join(self.adapters)}")
+        group = self._group_of[key]
         with self._lock:
-            if key not in self._loaded:
-                self._loaded[key] = load(self.adapters[key], base=self.base)
+            if group not in self._loaded:
+                members = self.groups[group]
+                self._loaded[group] = (
+                    {key: load(self.adapters[key], base=self.base)} if len(members) == 1
+                    else load_shared({k: self.adapters[k] for k in members}, base=self.base))
                 while len(self._loaded) > self.keep:
                     self._loaded.popitem(last=False)
-            self._loaded.move_to_end(key)
-            return self._loaded[key]
+            self._loaded.move_to_end(group)
+            return self._loaded[group][key]
 
 
 def make_generate(pool: AdapterPool):

@@ -9,6 +9,7 @@ that work inside the model's layers (LoRA, ...) can be added next to prompt lear
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,13 +45,8 @@ class LoadedAdapter:
 def load(adapter: str | Path | AdapterInfo, base: str | None = None, batch_size: int = 8) -> LoadedAdapter:
     """Load `adapter` (a run dir or its adapter/ folder) on its recorded base model, or on `base`."""
     info = adapter if isinstance(adapter, AdapterInfo) else resolve(adapter)
-    builder = _TUNED.get(info.peft_type)
-    if builder is None:
-        raise UserError(f"{info.peft_type} adapters are not supported for generation yet "
-                        f"(supported: {', '.join(sorted(_TUNED))})")
-    base_path = base or info.recorded_base
-    if not base_path:
-        raise UserError(f"the adapter in {info.adapter_dir} does not record its base model; pass --base MODEL")
+    builder = _builder(info)
+    base_path = _base_path(info, base)
     model, tokenizer = _load_base(info, base_path, explicit=base is not None)
     _check_width(info, model, base_path)
     from peft import PeftModel
@@ -77,6 +73,80 @@ def load(adapter: str | Path | AdapterInfo, base: str | None = None, batch_size:
 
     return LoadedAdapter(info, base_path, tokenizer, locked(generate_base),
                          locked(builder(peft_model, tokenizer, batch_size)))
+
+
+def base_key(info: AdapterInfo, base: str | None = None) -> tuple[str, str, str]:
+    """Adapters with the same key can share one loaded base model: same base weights, same
+    tokenizer, same PEFT method (one `PeftModel` holds adapters of one method)."""
+    tokenizer = "" if base else (info.recorded_tokenizer or "")
+    return (base or info.recorded_base or "", tokenizer, info.peft_type)
+
+
+def load_shared(adapters: dict[str, AdapterInfo], base: str | None = None,
+                batch_size: int = 8) -> dict[str, LoadedAdapter]:
+    """Several adapters on ONE base model, loaded once (`multi_adapter.load_adapters`): returns
+    {name: LoadedAdapter}, each generating with its own adapter. They share a lock, since
+    switching the active adapter and generating must not interleave between demo requests."""
+    from softprompt.multi_adapter import load_adapters
+
+    if not adapters:
+        raise UserError("no adapters given; pass one or more adapter (or run) directories")
+    keys = {name: base_key(info, base) for name, info in adapters.items()}
+    if len(set(keys.values())) > 1:
+        listing = "; ".join(f"{name}: base {k[0] or '?'}, {k[2]}" for name, k in keys.items())
+        raise UserError(f"these adapters do not share one base model and PEFT method ({listing}); "
+                        "compare adapters of one base at a time, or pass --base MODEL")
+    first = next(iter(adapters.values()))
+    for info in adapters.values():
+        _builder(info)
+    base_path = _base_path(first, base)
+    model, tokenizer = _load_base(first, base_path, explicit=base is not None)
+    for info in adapters.values():
+        _check_width(info, model, base_path)
+    # PEFT adapter names become module keys: no dots; the user-facing names stay as given
+    module_names = _module_names(list(adapters))
+    loaded = load_adapters(model, {module_names[name]: info.adapter_dir for name, info in adapters.items()})
+    lock = threading.Lock()
+    any_adapter = next(iter(loaded.values()))
+
+    def generate_base(prompts, settings):
+        with lock:
+            return any_adapter.generate_base(tokenizer, prompts, settings, batch_size=batch_size)
+
+    def tuned_for(adapter) -> GenerateFn:
+        def generate_tuned(prompts, settings):
+            with lock:  # activate() + generate as one step
+                return adapter.generate(tokenizer, prompts, settings, batch_size=batch_size)
+        return generate_tuned
+
+    return {name: LoadedAdapter(info, base_path, tokenizer, generate_base, tuned_for(loaded[module_names[name]]))
+            for name, info in adapters.items()}
+
+
+def _module_names(names: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name in names:
+        candidate, n = re.sub(r"[^A-Za-z0-9_-]", "_", name) or "adapter", 2
+        stem = candidate
+        while candidate in out.values():
+            candidate, n = f"{stem}-{n}", n + 1
+        out[name] = candidate
+    return out
+
+
+def _builder(info: AdapterInfo):
+    builder = _TUNED.get(info.peft_type)
+    if builder is None:
+        raise UserError(f"{info.peft_type} adapters are not supported for generation yet "
+                        f"(supported: {', '.join(sorted(_TUNED))})")
+    return builder
+
+
+def _base_path(info: AdapterInfo, base: str | None) -> str:
+    base_path = base or info.recorded_base
+    if not base_path:
+        raise UserError(f"the adapter in {info.adapter_dir} does not record its base model; pass --base MODEL")
+    return base_path
 
 
 def _prompt_learning(peft_model, tokenizer, batch_size: int) -> GenerateFn:
