@@ -162,11 +162,17 @@ def test_multirun_2x2_gives_four_runs_and_a_report(tmp_path, capsys):
     report = (sweep_dir / "report.md").read_text()
     header = next(line for line in report.splitlines() if line.startswith("| run"))
     assert header.split(" | ")[1:3] == [keys.CFG_NUM_VIRTUAL_TOKENS, keys.CFG_EPOCHS]
-    rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    main_table, _, tokens_section = report.partition("## The learned prompt, read as tokens")
+    rows = [line for line in main_table.splitlines() if line.startswith("| ") and not line.startswith("| run")]
     assert len(rows) == 4 and sum("**best**" in r for r in rows) == 1
     ppl = [json.loads((d / "metrics.json").read_text())[keys.EVAL_PERPLEXITY] for d in run_dirs]
     assert f"{min(ppl):.4g}" in next(r for r in rows if "**best**" in r)
     assert f"skipped {sweep_dir.resolve() / '4'}" in stdout and header in stdout
+    # the best run's learned prompt, read as tokens: one row per virtual token
+    best = min(range(4), key=lambda i: ppl[i])
+    prompt_rows = [line for line in tokens_section.splitlines() if line.startswith("| ")][2:]
+    assert f"Run `{best}` (best run)" in tokens_section
+    assert len(prompt_rows) == configs[best]["peft"]["num_virtual_tokens"]
     for png in ("ppl_vs_virtual_tokens.png", "eval_curves.png"):
         assert (sweep_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -26,6 +26,7 @@ IGNORED_PREFIXES = ("data.", "wandb.", "output_dir", "eval.prompts", "provenance
 GEN_PREFIX = "gen/"
 PLOT_TOKENS = "ppl_vs_virtual_tokens.png"
 PLOT_CURVES = "eval_curves.png"
+PROMPT_TOKENS = "prompt_tokens.jsonl"  # softprompt.interpret's reading of the learned prompt
 
 
 @dataclass
@@ -35,6 +36,8 @@ class RunRecord:
     metrics: dict[str, Any]
     config: dict[str, Any]  # flattened, dotted keys
     history: list[dict[str, Any]] = field(default_factory=list)
+    # prompt_tokens.jsonl rows (one per virtual token), None when the run has none (LoRA, ...)
+    prompt_tokens: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -45,17 +48,26 @@ class Report:
     gen_keys: list[str]
     best: int | None  # index of the run with the lowest tuned perplexity
 
+    @property
+    def has_prompt_tokens(self) -> bool:
+        return any(r.prompt_tokens for r in self.runs)
+
     def rows(self) -> tuple[list[str], list[list[str]]]:
         header = ["run", *self.swept, "base ppl", "tuned ppl", "tuned/base", *self.gen_keys,
-                  "train s", "eval s", "tokens/s", "best"]
+                  "train s", "eval s", "tokens/s"]
+        header += ["prompt, nearest tokens", "cos to init"] if self.has_prompt_tokens else []
+        header += ["best"]
         rows = []
         for i, r in enumerate(self.runs):
             m = r.metrics
-            rows.append([r.name, *(_fmt(r.config.get(k)) for k in self.swept),
-                         _fmt(m.get(keys.EVAL_BASE_PERPLEXITY)), _fmt(m.get(keys.EVAL_PERPLEXITY)),
-                         _fmt(_ratio(m)), *(_fmt(m.get(k)) for k in self.gen_keys),
-                         _fmt(m.get(keys.TRAIN_RUNTIME_S), 1), _fmt(m.get(keys.EVAL_RUNTIME_S), 1),
-                         _fmt(m.get(keys.TRAIN_TOKENS_PER_SECOND), 1), "**best**" if i == self.best else ""])
+            row = [r.name, *(_fmt(r.config.get(k)) for k in self.swept),
+                   _fmt(m.get(keys.EVAL_BASE_PERPLEXITY)), _fmt(m.get(keys.EVAL_PERPLEXITY)),
+                   _fmt(_ratio(m)), *(_fmt(m.get(k)) for k in self.gen_keys),
+                   _fmt(m.get(keys.TRAIN_RUNTIME_S), 1), _fmt(m.get(keys.EVAL_RUNTIME_S), 1),
+                   _fmt(m.get(keys.TRAIN_TOKENS_PER_SECOND), 1)]
+            if self.has_prompt_tokens:
+                row += [nearest_summary(r.prompt_tokens), _fmt(mean_cosine_to_init(r.prompt_tokens), 3)]
+            rows.append(row + ["**best**" if i == self.best else ""])
         return header, rows
 
     def table(self) -> str:
@@ -108,8 +120,17 @@ def load_runs(dirs: list[str | Path]) -> tuple[list[RunRecord], list[Path]]:
         history = [json.loads(line) for line in history_file.read_text().splitlines() if line.strip()] \
             if history_file.is_file() else []
         name = str(path.relative_to(top)) if top in path.parents else path.name
-        runs.append(RunRecord(name=name, path=path, metrics=metrics, config=config, history=history))
+        runs.append(RunRecord(name=name, path=path, metrics=metrics, config=config, history=history,
+                              prompt_tokens=_read_prompt_tokens(path)))
     return runs, skipped
+
+
+def _read_prompt_tokens(path: Path) -> list[dict[str, Any]] | None:
+    if not (path / PROMPT_TOKENS).is_file():
+        return None
+    from softprompt.interpret import read_jsonl
+
+    return read_jsonl(path / PROMPT_TOKENS)
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -165,8 +186,54 @@ def write_report(report: Report, out_dir: str | Path) -> Path:
     if report.skipped:
         lines += [f"Skipped (unfinished, no metrics.json): {', '.join(f'`{p}`' for p in report.skipped)}", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
+    lines += ["", *prompt_tokens_section(report)]
     (out / "report.md").write_text("\n".join(lines).rstrip() + "\n")
     return out / "report.md"
+
+
+def prompt_tokens_section(report: Report) -> list[str]:
+    """The learned prompt of the best run (else the first that has one), read as tokens: per
+    virtual token its nearest vocabulary tokens (cosine) and how far it moved from its init."""
+    with_tokens = [i for i, r in enumerate(report.runs) if r.prompt_tokens]
+    if not with_tokens:
+        return []
+    i = report.best if report.best in with_tokens else with_tokens[0]
+    run = report.runs[i]
+    which = "best run" if i == report.best else "first run with a soft prompt"
+    lines = ["## The learned prompt, read as tokens", "",
+             f"Run `{run.name}` ({which}), from its `{PROMPT_TOKENS}`: each virtual token's nearest "
+             "vocabulary tokens by cosine similarity in the input-embedding space, and its cosine "
+             "similarity and L2 distance to its initial value (Lester et al. 2021). The table's "
+             "`prompt, nearest tokens` column gives every run's nearest token per position.", "",
+             "| position | nearest tokens (cosine) | cosine to init | L2 to init | L2 norm |",
+             "| ---: | --- | ---: | ---: | ---: |"]
+    for row in run.prompt_tokens:
+        neighbours = ", ".join(f"{token_markdown(n['token'])} {n['cosine']:.2f}" for n in row["neighbours"])
+        lines.append(f"| {row['position']} | {neighbours} | {_fmt(row.get('cosine_to_init'), 3)} | "
+                     f"{_fmt(row.get('l2_to_init'), 3)} | {_fmt(row.get('l2_norm'), 3)} |")
+    return lines + [""]
+
+
+def nearest_summary(rows: list[dict[str, Any]] | None) -> str:
+    """The nearest vocabulary token of each virtual token, in order (one table cell)."""
+    if not rows:
+        return ""
+    return " ".join(token_markdown(r["neighbours"][0]["token"]) if r["neighbours"] else "?" for r in rows)
+
+
+def mean_cosine_to_init(rows: list[dict[str, Any]] | None) -> float | None:
+    values = [r["cosine_to_init"] for r in rows or [] if isinstance(r.get("cosine_to_init"), (int, float))]
+    return sum(values) / len(values) if values else None
+
+
+def token_markdown(token: str) -> str:
+    """A token as a code span that keeps its leading space visible and cannot break the table."""
+    # code spans show backslashes literally; only control characters (as Python escapes: \n,
+    # \x03, ...) and the table's | change
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in token).replace("|", "\\|")
+    if "`" in text:
+        return f"`` {text} ``"
+    return f"`{text}`" if text.strip() else f"`{text!r}`" if text else "`''`"
 
 
 def _series_label(report: Report, config: dict[str, Any], exclude: str) -> str:
