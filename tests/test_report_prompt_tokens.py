@@ -32,7 +32,8 @@ def test_report_has_the_best_runs_prompt_tokens_and_a_column_per_run(tiny_run, t
     for line, row in zip(table, rows):
         cells = [c.strip() for c in line.strip("| ").split(" | ")]
         assert cells[0] == str(row["position"])
-        assert cells[1] == ", ".join(f"{token_markdown(n['token'])} {n['cosine']:.2f}" for n in row["neighbours"])
+        assert cells[1] == ", ".join(f"{token_markdown(n['token'])}{' (id %d)' % n['id'] if chr(0xFFFD) in n['token'] else ''}"
+                                     f" {n['cosine']:.2f}" for n in row["neighbours"])
         assert cells[2] == f"{row['cosine_to_init']:.3g}" and cells[3] == f"{row['l2_to_init']:.3g}"
     # the token strings are the tokenizer's own: decode(id) of each neighbour
     from transformers import AutoTokenizer

@@ -208,7 +208,7 @@ def prompt_tokens_section(report: Report) -> list[str]:
              "| position | nearest tokens (cosine) | cosine to init | L2 to init | L2 norm |",
              "| ---: | --- | ---: | ---: | ---: |"]
     for row in run.prompt_tokens:
-        neighbours = ", ".join(f"{token_markdown(n['token'])} {n['cosine']:.2f}" for n in row["neighbours"])
+        neighbours = ", ".join(f"{_neighbour_markdown(n)} {n['cosine']:.2f}" for n in row["neighbours"])
         lines.append(f"| {row['position']} | {neighbours} | {_fmt(row.get('cosine_to_init'), 3)} | "
                      f"{_fmt(row.get('l2_to_init'), 3)} | {_fmt(row.get('l2_norm'), 3)} |")
     return lines + [""]
@@ -224,6 +224,11 @@ def nearest_summary(rows: list[dict[str, Any]] | None) -> str:
 def mean_cosine_to_init(rows: list[dict[str, Any]] | None) -> float | None:
     values = [r["cosine_to_init"] for r in rows or [] if isinstance(r.get("cosine_to_init"), (int, float))]
     return sum(values) / len(values) if values else None
+
+
+def _neighbour_markdown(n: dict[str, Any]) -> str:
+    # byte-level pieces of a multi-byte character all decode to U+FFFD: the id tells them apart
+    return token_markdown(n["token"]) + (f" (id {n['id']})" if "\ufffd" in n["token"] else "")
 
 
 def token_markdown(token: str) -> str:
