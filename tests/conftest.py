@@ -64,10 +64,21 @@ def compose(overrides: list[str] | None = None):
         return hydra_compose(config_name="config", overrides=list(overrides or []))
 
 
+def child_env(extra: dict | None = None) -> dict:
+    """The environment for a child process: this one's, minus what ties it to this process.
+
+    wandb exports WANDB_SERVICE once this process has started a W&B run, so that children attach
+    to the same wandb-core service; a child killed mid-run would then leave its run "in use" in
+    our service, and a resumed child could not continue it. Children get their own service.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return env | {"PYTHONPATH": str(ROOT / "src")} | (extra or {})
+
+
 def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 300,
             script: str = "train.py") -> subprocess.CompletedProcess:
     """`python train.py ARGS` in a subprocess (for exit codes, stderr and Hydra itself)."""
-    full_env = os.environ | {"PYTHONPATH": str(ROOT / "src")} | (env or {})
+    full_env = child_env(env)
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd or ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 

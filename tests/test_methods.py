@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, compose
+from conftest import ROOT, TINY, child_env, compose
 from softprompt import keys
 
 # trainable numbers on tiny-llama (hidden 64, 2 layers, 4 heads, 2 key/value heads of 16 dims)
@@ -226,7 +226,7 @@ def test_two_process_cpu_run_writes_once(tmp_path):
 
     load_model(compose(TINY).model)  # build the tiny model's cache once, not racing in two ranks
     run_dir = tmp_path / "ddp"
-    env = os.environ | {"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    env = child_env({"OMP_NUM_THREADS": "1"})
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
             str(_free_port()), str(ROOT / "train.py"), *TINY, "training.max_steps=2", "training.batch_size=4",
             "eval.max_new_tokens=4", "eval.num_heldout_generations=0", "eval.per_epoch=false",

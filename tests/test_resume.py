@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, run_cli
+from conftest import ROOT, TINY, child_env, run_cli
 from softprompt import keys
 from softprompt.checkpoints import COMPLETE, complete_checkpoints
 
@@ -38,7 +38,7 @@ def uninterrupted(tmp_path_factory):
 
 def _start(run_dir: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *RESUMABLE, f"hydra.run.dir={run_dir}"],
-                            env=os.environ | {"PYTHONPATH": str(ROOT / "src")} | env,
+                            env=child_env(env),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
