@@ -87,7 +87,7 @@ class PeftConfig:
 class TrainingConfig:
     epochs: int = 6
     max_steps: Optional[int] = None
-    learning_rate: float = 3e-2
+    learning_rate: float = 0.3
     batch_size: int = 8
     eval_batch_size: int = 16
     max_length: int = 128
