@@ -13,8 +13,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +22,7 @@ import peft
 import torch
 import transformers
 
+from softprompt import atomic
 from softprompt.config import resolved
 from softprompt.evaluation import ModelEval
 from softprompt.paths import cache_dir
@@ -108,8 +107,5 @@ def cached_evaluation(key: str, compute: Callable[[], ModelEval], enabled: bool 
             except (OSError, json.JSONDecodeError, KeyError, TypeError):
                 pass  # a damaged entry is recomputed and replaced
         result = compute()
-        fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=directory)
-        with os.fdopen(fd, "w") as f:
-            json.dump(_to_json(result) | {"created": time.time()}, f, ensure_ascii=False)
-        os.replace(tmp, file)
+        atomic.write_json(file, _to_json(result) | {"created": time.time()}, indent=None)
     return result, False

@@ -11,13 +11,12 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from softprompt import hub
+from softprompt import atomic, hub
 from softprompt.datasets_bundled import bundled_path
 from softprompt.errors import UserError
 from softprompt.paths import cache_dir
@@ -151,12 +150,5 @@ def tokenize(texts: list[str], tokenizer, max_length: int, tokenizer_id: str) ->
     encoded = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length - 1)["input_ids"]
     # EOS teaches the prompt where a text ends, so generations stop instead of running on
     ids = [list(row) + [tokenizer.eos_token_id] for row in encoded]
-    _write_atomic(file, json.dumps(ids))
+    atomic.write_json(file, ids, indent=None)
     return ids
-
-
-def _write_atomic(file: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=file.name + ".", dir=file.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, file)

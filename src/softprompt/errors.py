@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 EXIT_USER_ERROR = 2
 
@@ -14,7 +15,7 @@ class UserError(Exception):
     """
 
 
-def report_and_exit(message: str) -> "NoReturn":  # noqa: F821
+def report_and_exit(message: str) -> NoReturn:
     # one line, whatever the message holds, so scripts can grep for it
     line = " ".join(str(message).split())
     print(f"error: {line}", file=sys.stderr, flush=True)

@@ -53,6 +53,15 @@ class PromptAwareRepetitionPenalty(LogitsProcessor):
         return torch.where(mask, penalised, scores)
 
 
+def sampling_kwargs(settings: GenerationSettings) -> dict:
+    """`generate()` arguments for greedy or seeded sampling (greedy clears the model's own
+    generation_config defaults, which would otherwise warn or sample)."""
+    if settings.do_sample:
+        torch.manual_seed(settings.seed)
+        return dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+    return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -106,12 +115,6 @@ def generate(
         processors = LogitsProcessorList()
         if settings.repetition_penalty != 1.0:
             processors.append(PromptAwareRepetitionPenalty(ids, settings.repetition_penalty, device))
-        sampling = {}
-        if settings.do_sample:
-            torch.manual_seed(settings.seed)
-            sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
-        else:
-            sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
         out = model.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -120,7 +123,7 @@ def generate(
             repetition_penalty=None,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=pad_id,
-            **sampling,
+            **sampling_kwargs(settings),
         )
         for row, i in enumerate(batch):
             outputs[i] = tokenizer.decode(out[row], skip_special_tokens=True).strip()

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from softprompt import atomic
+
 TABLE_KEY = "peft/prompt_tokens"
 TABLE_COLUMNS = ["position", "nearest_tokens", "top_cosine", "cosine_to_init", "l2_to_init", "l2_norm"]
 
@@ -52,9 +54,7 @@ def nearest_tokens(prompt: torch.Tensor, embeddings: torch.Tensor, tokenizer, k:
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    atomic.write_jsonl(path, rows)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

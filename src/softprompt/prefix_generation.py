@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-from softprompt.generation import GenerationSettings, PromptAwareRepetitionPenalty
+from softprompt.generation import GenerationSettings, PromptAwareRepetitionPenalty, sampling_kwargs
 
 
 class _GeneratedOnly(LogitsProcessor):
@@ -72,11 +72,6 @@ def generate_with_prefix(peft_model, tokenizer, prompts: list[str], settings: Ge
         if settings.repetition_penalty != 1.0:
             penalty = PromptAwareRepetitionPenalty([encoded[i] for i in batch], settings.repetition_penalty, device)
             processors.append(_GeneratedOnly(penalty, n_virtual + width))
-        if settings.do_sample:
-            torch.manual_seed(settings.seed)
-            sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
-        else:
-            sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
         out = base.generate(
             input_ids=full_ids,
             attention_mask=full_mask,
@@ -86,7 +81,7 @@ def generate_with_prefix(peft_model, tokenizer, prompts: list[str], settings: Ge
             repetition_penalty=None,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=pad_id,
-            **sampling,
+            **sampling_kwargs(settings),
         )
         width += n_virtual
         for row, i in enumerate(batch):

@@ -7,7 +7,6 @@ written last, atomically, so its presence means the run finished.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -18,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import TrainerCallback, set_seed
 
-from softprompt import distributed, interpret, keys, preflight, resume
+from softprompt import atomic, distributed, interpret, keys, preflight, resume
 from softprompt.config import resolved
 from softprompt.data import load_splits, tokenize
 from softprompt.errors import UserError
@@ -69,7 +68,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                                        "train_rows": len(train_rows), "validation_rows": len(val_rows)},
                               "provenance": provenance()}
     if main:
-        _write_json(out / "config.json", config)
+        atomic.write_json(out / "config.json", config)
 
     tracker = Tracker.start(cfg, out, config, run_name(cfg), mode=wandb_mode, run_id=start.wandb_run_id)
     resume.remember_wandb_id(out, tracker.run_id)
@@ -157,13 +156,13 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
     model.peft_config["default"].base_model_name_or_path = loaded.base_path
     adapter_tmp = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=out))
     model.save_pretrained(adapter_tmp)
-    _write_json(adapter_tmp / "softprompt.json", {
+    atomic.write_json(adapter_tmp / "softprompt.json", {
         "base_model": loaded.base_path, "tokenizer": loaded.tokenizer_path, "model": resolved(cfg.model),
         "peft": resolved(cfg.peft), "eval": resolved(cfg.eval), "metrics": metrics,
     })
     _replace_dir(adapter_tmp, out / "adapter")
-    _write_text(out / "generations.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    _write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    atomic.write_jsonl(out / "generations.jsonl", rows)
+    atomic.write_jsonl(out / "history.jsonl", history)
     if initial_prompt is not None:  # prompt tuning, p-tuning: what the learned prompt is close to
         prompt_tokens = interpret.nearest_tokens(soft_prompt_embeddings(model), model.get_input_embeddings().weight,
                                                  tokenizer, cfg.eval.nearest_tokens, initial=initial_prompt)
@@ -174,7 +173,7 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
     tracker.log_adapter(out / "adapter", name=f"adapter-{cfg.model.name}-{cfg.dataset.name}", metadata={
         "base_model": cfg.model.name_or_path, "base_model_path": loaded.base_path, "peft_method": cfg.peft.method,
         "num_virtual_tokens": cfg.peft.num_virtual_tokens, **metrics})
-    _write_json(out / "metrics.json", metrics)
+    atomic.write_json(out / "metrics.json", metrics)
     return metrics
 
 
@@ -221,19 +220,6 @@ class _LogToTracker(TrainerCallback):
 
 
 # --- atomic writes -------------------------------------------------------------------------------
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from softprompt import keys
+from softprompt import atomic, keys
 from softprompt.errors import UserError
 
 METHODS = ("grid", "random", "bayes")
@@ -277,6 +276,4 @@ def _write_state(sweep_dir: Path, sweep: Sweep, sweep_id: str, extra: list[str],
                   "seconds": round(j.seconds, 2), "error": j.error,
                   "metric": j.metrics.get((sweep.metric or {}).get("name", keys.EVAL_PERPLEXITY))} for j in jobs],
     }
-    tmp = sweep_dir / ".sweep.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2, default=str) + "\n")
-    os.replace(tmp, sweep_dir / "sweep.json")
+    atomic.write_json(sweep_dir / "sweep.json", state)
