@@ -1,7 +1,7 @@
 """python scripts/bench.py [--model smollm2-135m] [--data CSV] [--steps N] [--precision auto|fp32|bf16] [--out FILE]
 
 Training throughput of softprompt vs the seed notebook's recipe (real tokens/s, ratio), MFU,
-peak RSS, eval and generation tokens/s, as JSON. See softprompt.benchmark and docs/speed.md.
+peak RSS, eval and generation tokens/s, as JSON. See softprompt.experiments.bench and docs/speed.md.
 """
 
 import sys
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's package
 
-from softprompt.benchmark import main  # noqa: E402
+from softprompt.experiments.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@
 The docs are the source: edit them, then run `python scripts/build_readme.py`."""
 import re
 from pathlib import Path
+
 root = Path(__file__).resolve().parents[1]
 order = ["eval", "wandb", "sweeps", "speed", "reliability", "inference", "methods", "dashboard"]
 parts = []

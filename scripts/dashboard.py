@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a plain checkout too
 
-from softprompt.dashboard import main  # noqa: E402
-from softprompt.errors import UserError, report_and_exit  # noqa: E402
+from softprompt.core.errors import UserError, report_and_exit  # noqa: E402
+from softprompt.experiments.dashboard import main  # noqa: E402
 
 if __name__ == "__main__":
     try:

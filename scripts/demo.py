@@ -2,7 +2,7 @@
 
 import sys
 
-from softprompt.demo import main
+from softprompt.serve.demo import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from softprompt.generate_cli import main
+from softprompt.serve.generate_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from softprompt.errors import UserError, report_and_exit  # noqa: E402
+from softprompt.core.errors import UserError, report_and_exit  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="a multirun/sweep dir, or run dirs")
     args = parser.parse_args(argv)
     try:
-        from softprompt.reporting import build_report, write_report
+        from softprompt.experiments.report import build_report, write_report
 
         report = build_report(args.dirs)
         path = write_report(report, args.dirs[0])

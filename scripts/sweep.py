@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from softprompt.errors import UserError, report_and_exit  # noqa: E402
+from softprompt.core.errors import UserError, report_and_exit  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.count is not None and args.count < 1:
             raise UserError(f"--count must be >= 1 (got {args.count})")
-        from softprompt.sweeping import load_sweep, run_sweep
+        from softprompt.experiments.sweep import load_sweep, run_sweep
 
         sweep = load_sweep(args.sweep_file)
         sweep_dir, jobs = run_sweep(sweep, args.overrides, count=args.count, root=args.root, seed=args.seed)

@@ -58,7 +58,7 @@ def compose(overrides: list[str] | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from softprompt.config import CONF_DIR
+    from softprompt.core.config import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides or []))
@@ -86,7 +86,7 @@ def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, t
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One finished tiny run, shared by the tests that only read its outputs: (run_dir, metrics)."""
-    from softprompt.run import run
+    from softprompt.train.run import run
 
     run_dir = tmp_path_factory.mktemp("tiny-run")
     metrics = run(compose(TINY), run_dir=run_dir)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import compose, run_cli
-from softprompt.config import CONF_DIR, validate
+
+from softprompt.core.config import CONF_DIR, validate
 
 GROUPS = ["model", "dataset", "peft", "training", "eval", "wandb", "experiment"]
 

@@ -9,12 +9,16 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-
 from conftest import run_cli
-from softprompt import keys
-from softprompt.dashboard import RunFilter, best_run_from_dirs, build_spec, to_report
-from softprompt.wandb_records import config_value, read_runs
 
+from softprompt.core import keys
+from softprompt.experiments.dashboard import (
+    RunFilter,
+    best_run_from_dirs,
+    build_spec,
+    to_report,
+)
+from softprompt.track.records import config_value, read_runs
 
 # --- reading the tiny run's offline .wandb file ---------------------------------------------------
 
@@ -137,8 +141,8 @@ def test_publish_updates_the_report_with_the_same_title(monkeypatch):
     import wandb
     import wandb_workspaces.reports.v2.interface as itf
 
-    import softprompt.tracking as tracking
-    from softprompt.dashboard import publish
+    import softprompt.track.wandb_run as tracking
+    from softprompt.experiments.dashboard import publish
 
     def run(name, ppl, vt):
         return SimpleNamespace(name=name, url=f"https://w/{name}", config={"peft": {"num_virtual_tokens": vt,

@@ -6,10 +6,10 @@ import json
 
 import pandas as pd
 import pytest
-
 from conftest import compose
-from softprompt.data import load_splits, tokenize
-from softprompt.datasets_bundled import bundled_path
+
+from softprompt.data.bundled import bundled_path
+from softprompt.data.loading import load_splits, tokenize
 
 TEXTS = [f"I want you to act as role number {i}, and answer briefly." for i in range(20)]
 
@@ -56,7 +56,7 @@ def test_bundled_samples_have_the_hub_schemas(name, column):
 
 
 def test_tokenization_appends_eos_truncates_and_is_cached(monkeypatch):
-    from softprompt.modeling import load_model
+    from softprompt.models.loading import load_model
 
     loaded = load_model(compose(["model=tiny-llama"]).model)
     tok = loaded.tokenizer

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_cli
 
 TINY_FAST = ["model=tiny-llama", "dataset=prompts_sample", "training.max_steps=2", "wandb.mode=offline"]
@@ -135,10 +134,10 @@ def _script(tmp_path: Path, raise_line: str) -> str:
     script = tmp_path / "crash.py"
     script.write_text(
         f"import sys; sys.path.insert(0, {str(ROOT / 'src')!r})\n"
-        "import softprompt.run, softprompt.preflight\n"
+        "import softprompt.train.run, softprompt.train.preflight\n"
         "def boom(cfg, run_dir=None):\n"
         f"    {raise_line}\n"
-        "softprompt.run.run = boom\n"
+        "softprompt.train.run.run = boom\n"
         "from softprompt.cli import main\n"
         "main()\n")
     return str(script)

@@ -8,12 +8,17 @@ import math
 
 import pytest
 import torch
-
 from conftest import TINY, compose
-from softprompt import keys
-from softprompt.gen_metrics import distinct_n2, generation_metrics, repetition_rate, rouge_l
-from softprompt.generation import GenerationSettings, generate
-from softprompt.perplexity import perplexity
+
+from softprompt.core import keys
+from softprompt.evaluation.gen_metrics import (
+    distinct_n2,
+    generation_metrics,
+    repetition_rate,
+    rouge_l,
+)
+from softprompt.evaluation.perplexity import perplexity
+from softprompt.models.generation import GenerationSettings, generate
 
 TEXTS = ["I want you to act as a poet.", "Be yourself; everyone else is already taken.",
          "Act as a travel guide for Rome and tell me where to eat", "Hi"]
@@ -21,7 +26,7 @@ TEXTS = ["I want you to act as a poet.", "Be yourself; everyone else is already 
 
 @pytest.fixture(scope="module", params=["bloom", "llama"])
 def tiny(request):
-    from softprompt.modeling import load_model
+    from softprompt.models.loading import load_model
 
     return load_model(compose([f"model=tiny-{request.param}"]).model)
 
@@ -57,7 +62,11 @@ def test_perplexity_equals_hand_computation_base(tiny):
 
 
 def test_perplexity_equals_hand_computation_with_soft_prompt(tiny):
-    from softprompt.peft_methods import soft_prompt_embeddings, virtual_tokens_in_logits, wrap
+    from softprompt.models.methods import (
+        soft_prompt_embeddings,
+        virtual_tokens_in_logits,
+        wrap,
+    )
 
     cfg = compose([f"model=tiny-{tiny.model.config.model_type}", "peft.init=random", "peft.num_virtual_tokens=3"])
     import copy
@@ -119,9 +128,10 @@ def test_generation_shows_progress_for_several_batches(tiny, capfd):
 
 
 def _base_eval(cfg, counter, loaded=None):
-    from softprompt.data import load_splits, tokenize
-    from softprompt.evaluation import eval_prompts, evaluate_base, train_subset
-    from softprompt.modeling import load_model
+    from softprompt.data.loading import load_splits, tokenize
+    from softprompt.evaluation.base_cache import evaluate_base
+    from softprompt.evaluation.evaluate import eval_prompts, train_subset
+    from softprompt.models.loading import load_model
 
     splits = load_splits(cfg.dataset, cfg.seed)
     if loaded is None:
@@ -135,9 +145,9 @@ def _base_eval(cfg, counter, loaded=None):
 
 
 def test_base_evaluation_is_cached_and_recomputed_on_change(tmp_path, monkeypatch):
-    import softprompt.base_cache
+    import softprompt.evaluation.base_cache
 
-    monkeypatch.setattr(softprompt.base_cache, "cache_dir", lambda kind: tmp_path)  # an empty cache
+    monkeypatch.setattr(softprompt.evaluation.base_cache, "cache_dir", lambda kind: tmp_path)  # an empty cache
     base = TINY + ["eval.max_new_tokens=2", "dataset.max_samples=12", "eval.num_heldout_generations=1"]
     calls: list[int] = []
     (first, hit, _), loaded = _base_eval(compose(base), calls)

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import compose
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-bloom"])
 @pytest.mark.parametrize("chunk_rows", [None, 7])
 def test_fast_loss_matches_peft(model, chunk_rows):
-    from softprompt.fast_loss import prompt_tuning_loss, supports_fast_loss
-    from softprompt.modeling import load_model
-    from softprompt.peft_methods import wrap
-    from softprompt.training import PaddingCollator
+    from softprompt.models.fast_loss import prompt_tuning_loss, supports_fast_loss
+    from softprompt.models.loading import load_model
+    from softprompt.models.methods import wrap
+    from softprompt.train.trainer import PaddingCollator
 
     cfg = compose([f"model={model}", "peft.init=random", "peft.num_virtual_tokens=3"])
     loaded = load_model(cfg.model)

@@ -10,10 +10,10 @@ import socket
 import sys
 
 import pytest
-
 from conftest import run_cli
-from softprompt.adapters import discover, resolve
-from softprompt.errors import UserError
+
+from softprompt.core.errors import UserError
+from softprompt.serve.adapters import discover, resolve
 
 
 def _generations(run_dir):
@@ -23,7 +23,7 @@ def _generations(run_dir):
 def test_generate_json_reproduces_the_runs_own_generations(tiny_run, capsys):
     """Greedy with the run's eval settings, the CLI gives exactly what the run wrote at the end of
     training, for base and tuned: same base model, same soft prompt, same placement."""
-    from softprompt.generate_cli import main
+    from softprompt.serve.generate_cli import main
 
     run_dir, _ = tiny_run
     rows = _generations(run_dir)
@@ -34,7 +34,7 @@ def test_generate_json_reproduces_the_runs_own_generations(tiny_run, capsys):
 
 
 def test_generate_text_output_side_by_side_from_adapter_dir_and_stdin(tiny_run, capsys, monkeypatch):
-    from softprompt.generate_cli import main
+    from softprompt.serve.generate_cli import main
 
     run_dir, _ = tiny_run
     row = _generations(run_dir)[0]
@@ -93,7 +93,7 @@ def test_foreign_adapters_are_refused_or_accepted_for_the_right_reason(tiny_run,
     config = json.loads((plain / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(tmp_path / "gone")
     (plain / "adapter_config.json").write_text(json.dumps(config))
-    from softprompt.inference import load
+    from softprompt.serve.inference import load
 
     with pytest.raises(UserError, match="cannot load the base model.*--base"):
         load(plain)
@@ -122,7 +122,7 @@ def test_demo_answers_through_gradio_client(tiny_run, tmp_path):
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from gradio_client import Client
 
-    from softprompt.demo import build
+    from softprompt.serve.demo import build
 
     run_dir, metrics = tiny_run
     # a directory of two runs: the picker offers both
@@ -156,7 +156,8 @@ def test_demo_refuses_a_missing_dir(tmp_path):
 def tiny_quotes_run(tmp_path_factory):
     """A second tiny run, on the quotes sample: (run_dir, metrics). Same tiny base as tiny_run."""
     from conftest import TINY, compose
-    from softprompt.run import run
+
+    from softprompt.train.run import run
 
     run_dir = tmp_path_factory.mktemp("tiny-quotes")
     overrides = [o for o in TINY if not o.startswith("dataset=")] + ["dataset=quotes_sample"]
@@ -165,8 +166,8 @@ def tiny_quotes_run(tmp_path_factory):
 
 @pytest.fixture
 def count_base_loads(monkeypatch):
-    """How often a base model is loaded from disk (softprompt.inference's load_model)."""
-    import softprompt.inference as inference
+    """How often a base model is loaded from disk (softprompt.serve.inference's load_model)."""
+    import softprompt.serve.inference as inference
 
     calls = []
     real = inference.load_model
@@ -185,7 +186,7 @@ def _two_prompts(tiny_run, tiny_quotes_run) -> list[str]:
 
 
 def test_generate_two_adapters_on_one_base_equal_each_alone(tiny_run, tiny_quotes_run, capsys, count_base_loads):
-    from softprompt.generate_cli import main
+    from softprompt.serve.generate_cli import main
 
     prompts = _two_prompts(tiny_run, tiny_quotes_run)
     assert main(["--adapter", f"prompts={tiny_run[0]}", "--adapter", f"quotes={tiny_quotes_run[0] / 'adapter'}",
@@ -207,7 +208,7 @@ def test_generate_two_adapters_on_one_base_equal_each_alone(tiny_run, tiny_quote
 
 
 def test_generate_two_adapters_text_columns_named_after_runs(tiny_run, tiny_quotes_run, capsys, monkeypatch):
-    from softprompt.generate_cli import main
+    from softprompt.serve.generate_cli import main
 
     monkeypatch.setenv("COLUMNS", "200")
     prompt = _two_prompts(tiny_run, tiny_quotes_run)[0]
@@ -222,7 +223,7 @@ def test_generate_two_adapters_text_columns_named_after_runs(tiny_run, tiny_quot
 
 
 def test_adapters_on_different_bases_are_not_shared(tiny_run, tmp_path):
-    from softprompt.inference import load_shared
+    from softprompt.serve.inference import load_shared
 
     other = tmp_path / "other"
     shutil.copytree(tiny_run[0] / "adapter", other)
@@ -239,13 +240,13 @@ def test_demo_switches_adapters_on_one_base_without_reloading(tiny_run, tiny_quo
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from gradio_client import Client
 
-    from softprompt.demo import build
+    from softprompt.serve.demo import build
 
     runs = tmp_path / "runs"
     for name, (run_dir, _) in {"prompts": tiny_run, "quotes": tiny_quotes_run}.items():
         shutil.copytree(run_dir, runs / name, ignore=shutil.ignore_patterns("wandb", "checkpoints"))
     prompt = _two_prompts(tiny_run, tiny_quotes_run)[1]
-    from softprompt.inference import load
+    from softprompt.serve.inference import load
 
     expected = {name: load(runs / name).compare([prompt], _settings())[0] for name in ("prompts", "quotes")}
     assert expected["prompts"]["tuned"] != expected["quotes"]["tuned"]
@@ -264,7 +265,7 @@ def test_demo_switches_adapters_on_one_base_without_reloading(tiny_run, tiny_quo
 
 
 def _settings():
-    from softprompt.generation import GenerationSettings
+    from softprompt.models.generation import GenerationSettings
 
     return GenerationSettings(max_new_tokens=8, repetition_penalty=1.5, do_sample=False, temperature=1.0,
                               top_p=1.0, seed=0)

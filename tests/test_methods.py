@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY, child_env, compose
-from softprompt import keys
+
+from softprompt.core import keys
 
 # trainable numbers on tiny-llama (hidden 64, 2 layers, 4 heads, 2 key/value heads of 16 dims)
 TRAINABLE = {
@@ -27,8 +27,8 @@ TRAINABLE = {
 
 
 def _tiny(method: str, *extra: str):
-    from softprompt.modeling import load_model
-    from softprompt.peft_methods import wrap
+    from softprompt.models.loading import load_model
+    from softprompt.models.methods import wrap
 
     cfg = compose(TINY + [f"peft={method}", "training.max_steps=2", "training.learning_rate=0.3", *extra])
     loaded = load_model(cfg.model)
@@ -36,7 +36,7 @@ def _tiny(method: str, *extra: str):
 
 
 def _batch(tok):
-    from softprompt.training import PaddingCollator
+    from softprompt.train.trainer import PaddingCollator
 
     return PaddingCollator(tok.pad_token_id)([{"input_ids": tok("I want you to act as a poet.")["input_ids"]},
                                               {"input_ids": tok("Be yourself; everyone else is taken.")["input_ids"]}])
@@ -46,9 +46,9 @@ def _batch(tok):
 def test_preset_trains_saves_and_reloads(method, tmp_path):
     from peft import PeftModel
 
-    from softprompt.data import load_splits, tokenize
-    from softprompt.modeling import load_model
-    from softprompt.training import build_trainer
+    from softprompt.data.loading import load_splits, tokenize
+    from softprompt.models.loading import load_model
+    from softprompt.train.trainer import build_trainer
 
     cfg, loaded, model = _tiny(method)
     assert cfg.peft.method == method
@@ -77,8 +77,8 @@ def test_preset_trains_saves_and_reloads(method, tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "bloom"])
 def test_prefix_generation_batched_equals_one_at_a_time(arch):
-    from softprompt.generation import GenerationSettings
-    from softprompt.prefix_generation import generate_with_prefix
+    from softprompt.models.generation import GenerationSettings
+    from softprompt.models.prefix_generation import generate_with_prefix
 
     cfg, loaded, model = _tiny("prefix_tuning", f"model=tiny-{arch}")
     torch.manual_seed(1)
@@ -99,15 +99,15 @@ def test_prefix_generation_batched_equals_one_at_a_time(arch):
     first = generate_with_prefix(model, tok, [prompts[1]], GenerationSettings(max_new_tokens=1, repetition_penalty=1.0))
     assert first[0] == tok.decode([int(logits[0, -1].argmax())]).strip()
     # and the prefix changes the output: the base model alone continues differently
-    from softprompt.generation import generate
+    from softprompt.models.generation import generate
 
     assert generate(model.get_base_model(), tok, prompts, settings) != batched
 
 
 def test_nearest_tokens_of_text_init_are_the_init_text():
-    from softprompt.interpret import nearest_tokens
-    from softprompt.modeling import load_model
-    from softprompt.peft_methods import soft_prompt_embeddings
+    from softprompt.evaluation.interpret import nearest_tokens
+    from softprompt.models.loading import load_model
+    from softprompt.models.methods import soft_prompt_embeddings
 
     text = "I want you to act as"
     cfg = compose(TINY)
@@ -127,7 +127,7 @@ def test_nearest_tokens_of_text_init_are_the_init_text():
 
 
 def test_run_writes_prompt_tokens_and_wandb_table(tiny_run):
-    from softprompt.interpret import read_jsonl
+    from softprompt.evaluation.interpret import read_jsonl
 
     run_dir, _ = tiny_run
     rows = read_jsonl(run_dir / "prompt_tokens.jsonl")
@@ -147,7 +147,7 @@ def test_run_writes_prompt_tokens_and_wandb_table(tiny_run):
 
 def test_lora_run_evaluates_the_true_base(tiny_run, tmp_path):
     """LoRA injects its layers into the base in place: the base eval must come before that."""
-    from softprompt.run import run
+    from softprompt.train.run import run
 
     _, prompt_metrics = tiny_run
     metrics = run(compose(TINY + ["peft=lora", "training.learning_rate=0.01"]), run_dir=tmp_path)
@@ -172,9 +172,9 @@ def _train_soft_prompt(tmp_path, name, value):
 def test_load_adapters_switches_between_two_soft_prompts(tmp_path):
     from peft import PeftModel
 
-    from softprompt.generation import GenerationSettings
-    from softprompt.modeling import load_model
-    from softprompt.multi_adapter import load_adapters
+    from softprompt.models.generation import GenerationSettings
+    from softprompt.models.loading import load_model
+    from softprompt.serve.multi_adapter import load_adapters
 
     _train_soft_prompt(tmp_path, "prompts", 0.5)
     _train_soft_prompt(tmp_path, "quotes", -0.5)
@@ -201,15 +201,15 @@ def test_load_adapters_switches_between_two_soft_prompts(tmp_path):
     settings = GenerationSettings(max_new_tokens=5)
     a, b = (adapters[n].generate(tok, ["Be yourself"], settings) for n in ("prompts", "quotes"))
     assert a != b
-    from softprompt.generation import generate
+    from softprompt.models.generation import generate
 
     assert b == generate(alone.get_base_model(), tok, ["Be yourself"], settings,
                          soft_prompt=torch.full((4, 64), -0.5))
 
 
 def test_load_adapters_rejects_a_non_adapter_dir(tmp_path):
-    from softprompt.errors import UserError
-    from softprompt.multi_adapter import load_adapters
+    from softprompt.core.errors import UserError
+    from softprompt.serve.multi_adapter import load_adapters
 
     with pytest.raises(UserError, match="holds no adapter"):
         load_adapters(torch.nn.Linear(1, 1), [tmp_path])
@@ -222,7 +222,7 @@ def _free_port() -> int:
 
 
 def test_two_process_cpu_run_writes_once(tmp_path):
-    from softprompt.modeling import load_model
+    from softprompt.models.loading import load_model
 
     load_model(compose(TINY).model)  # build the tiny model's cache once, not racing in two ranks
     run_dir = tmp_path / "ddp"

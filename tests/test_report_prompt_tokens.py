@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
-from softprompt.interpret import read_jsonl
-from softprompt.reporting import build_report, token_markdown, write_report
+from softprompt.evaluation.interpret import read_jsonl
+from softprompt.experiments.report import build_report, token_markdown, write_report
 
 
 def test_report_has_the_best_runs_prompt_tokens_and_a_column_per_run(tiny_run, tmp_path):

@@ -2,7 +2,7 @@
 uninterrupted run ends, without redoing finished steps; a kill while a checkpoint is being
 written leaves nothing that breaks the resume.
 
-Kill timing uses the test-only hooks of softprompt.checkpoints (SOFTPROMPT_TEST_STEP_DELAY,
+Kill timing uses the test-only hooks of softprompt.train.checkpoints (SOFTPROMPT_TEST_STEP_DELAY,
 SOFTPROMPT_TEST_SAVE_DELAY): they slow the tiny run so the kill lands where the test wants it.
 """
 
@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, TINY, child_env, run_cli
-from softprompt import keys
-from softprompt.checkpoints import COMPLETE, complete_checkpoints
+
+from softprompt.core import keys
+from softprompt.train.checkpoints import COMPLETE, complete_checkpoints
 
 # 12 steps over 1.5 epochs (58 training rows, batch 8): checkpoints at steps 3, 6, 8 (epoch end), 9, 12
 RESUMABLE = [o for o in TINY if not o.startswith("training.max_steps")] + [

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 
-from softprompt import keys
+from softprompt.core import keys
 
 
 def test_csv_reader_matches_datasets(tmp_path):
     from datasets import load_dataset
 
-    from softprompt.data import _read_csv
+    from softprompt.data.loading import _read_csv
 
     file = tmp_path / "t.csv"
     with file.open("w", newline="", encoding="utf-8") as f:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, compose, run_cli
-from softprompt import keys
-from softprompt.errors import UserError
+
+from softprompt.core import keys
+from softprompt.core.errors import UserError
 
 SWEEP_FILES = sorted((ROOT / "sweeps").glob("*.yaml"))
 # settings that keep a tiny job to a few optimizer steps: 8 training rows = 1 step per epoch
@@ -28,8 +28,8 @@ def test_there_are_the_three_kinds_of_sweep():
 def test_sweep_file_parameters_exist_and_every_value_composes(path):
     from omegaconf import OmegaConf
 
-    from softprompt.config import validate
-    from softprompt.sweeping import job_overrides, load_sweep, probe_values
+    from softprompt.core.config import validate
+    from softprompt.experiments.sweep import job_overrides, load_sweep, probe_values
 
     sweep = load_sweep(path)
     raw = yaml.safe_load(path.read_text())
@@ -47,7 +47,7 @@ def test_sweep_file_parameters_exist_and_every_value_composes(path):
 
 
 def test_seed_grid_is_tokens_by_epochs():
-    from softprompt.sweeping import load_sweep
+    from softprompt.experiments.sweep import load_sweep
 
     grid = load_sweep(ROOT / "sweeps" / "tokens_x_epochs.yaml")
     assert grid.parameters[keys.CFG_NUM_VIRTUAL_TOKENS]["values"] == [1, 4, 8, 16, 32]
@@ -55,7 +55,13 @@ def test_seed_grid_is_tokens_by_epochs():
 
 
 def test_grid_order_bayes_feedback_and_run_cap():
-    from softprompt.sweeping import Job, job_overrides, parse_sweep, planned_count, propose
+    from softprompt.experiments.sweep import (
+        Job,
+        job_overrides,
+        parse_sweep,
+        planned_count,
+        propose,
+    )
 
     grid = parse_sweep({"method": "grid", "parameters": {"a": {"values": [1, 2]}, "b": {"values": ["x", "y"]}}}, "g")
     done: list[Job] = []
@@ -77,7 +83,7 @@ def test_grid_order_bayes_feedback_and_run_cap():
 
 
 def test_unknown_parameter_and_bad_files_are_one_error_line(tmp_path, capsys):
-    from softprompt.sweeping import check_parameters, parse_sweep
+    from softprompt.experiments.sweep import check_parameters, parse_sweep
 
     typo = parse_sweep({"method": "grid", "parameters": {"peft.num_virtual_tokenz": {"values": [1, 2]}}}, "typo")
     with pytest.raises(UserError, match="num_virtual_tokenz"):
@@ -178,7 +184,7 @@ def test_multirun_2x2_gives_four_runs_and_a_report(tmp_path, capsys):
 
 
 def test_report_picks_up_gen_metrics_and_needs_finished_runs(tmp_path):
-    from softprompt.reporting import build_report
+    from softprompt.experiments.report import build_report
 
     for i, (tokens, ppl) in enumerate([(1, 30.0), (8, 20.0)]):
         d = tmp_path / str(i)
@@ -203,7 +209,7 @@ def test_slurm_launcher_composes():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from softprompt.config import CONF_DIR
+    from softprompt.core.config import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],

@@ -8,12 +8,12 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import ROOT, TINY, compose, run_cli
-from softprompt import keys
-from softprompt.errors import UserError
-from softprompt.tracking import Tracker, config_for_wandb, resolve_mode, run_name
-from softprompt.wandb_records import config_value, read_run, read_runs
+
+from softprompt.core import keys
+from softprompt.core.errors import UserError
+from softprompt.track.records import config_value, read_run, read_runs
+from softprompt.track.wandb_run import Tracker, config_for_wandb, resolve_mode, run_name
 
 # 2 epochs of 2 optimizer steps each (16 train rows, batch 8), a log line at every step
 TRACKED = [o for o in TINY if not o.startswith(("training.max_steps", "training.epochs"))] + [
@@ -26,7 +26,7 @@ QUICK = [o for o in TINY if not o.startswith(("training.max_steps", "eval."))] +
 
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory):
-    from softprompt.run import run
+    from softprompt.train.run import run
 
     run_dir = tmp_path_factory.mktemp("tracked")
     metrics = run(compose(TRACKED), run_dir=run_dir)
@@ -110,7 +110,7 @@ def test_log_model_false_logs_no_artifact(tmp_path):
 
 
 def test_failed_run_is_finished_with_exit_code_1(tmp_path, monkeypatch):
-    import softprompt.run as run_module
+    import softprompt.train.run as run_module
 
     def boom(*args, **kwargs):
         raise RuntimeError("training broke")

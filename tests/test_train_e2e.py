@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from conftest import TINY, compose, run_cli
 from safetensors.torch import load_file
 
-from conftest import TINY, compose, run_cli
-from softprompt import keys
+from softprompt.core import keys
 
 
 def test_tiny_run_leaves_complete_outputs(tiny_run):
@@ -38,9 +38,9 @@ def test_soft_prompt_lowers_heldout_perplexity(tiny_run):
 
 @pytest.mark.parametrize("arch", ["bloom", "llama"])
 def test_loss_falls_on_a_repeated_batch(arch):
-    from softprompt.modeling import load_model
-    from softprompt.peft_methods import wrap
-    from softprompt.training import PaddingCollator
+    from softprompt.models.loading import load_model
+    from softprompt.models.methods import wrap
+    from softprompt.train.trainer import PaddingCollator
 
     cfg = compose([f"model=tiny-{arch}", "peft.init=random", "peft.num_virtual_tokens=4"])
     loaded = load_model(cfg.model)

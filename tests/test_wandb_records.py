@@ -7,7 +7,13 @@ import struct
 
 import pytest
 
-from softprompt.wandb_records import BLOCK_LEN, RecordFileError, iter_records, read_run, wait_until_finished
+from softprompt.track.records import (
+    BLOCK_LEN,
+    RecordFileError,
+    iter_records,
+    read_run,
+    wait_until_finished,
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The Hydra entrypoint: a thin wrapper around `softprompt.run.run`.
+"""The Hydra entrypoint: a thin wrapper around `softprompt.train.run.run`.
 
 Expected failures, Hydra's own composition errors included, end as one `error: ...` line and exit
 status 2; anything unexpected keeps its traceback.
@@ -12,18 +12,18 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from softprompt.config import CONF_DIR, register_schema
-from softprompt.errors import UserError, report_and_exit
+from softprompt.core.config import CONF_DIR, register_schema
+from softprompt.core.errors import UserError, report_and_exit
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         # the cheap checks first: a bad value fails in about a second, before torch is imported
-        from softprompt import preflight
+        from softprompt.train import preflight
 
         preflight.check(cfg)
-        from softprompt.run import run
+        from softprompt.train.run import run
 
         metrics = run(cfg)
     except UserError as exc:
