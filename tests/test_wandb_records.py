@@ -190,6 +190,7 @@ def test_module_entry_prints_the_run_as_json(direct_run):
     assert (out["finished"], out["exit_code"], out["history_rows"]) == (True, 0, 6)
     assert out["history_keys"] == {"loss": 5, "step": 5, "tbl": 1}
     assert out["summary"]["final"] == 42 and out["summary"]["loss"] == 0.2
+    assert "tbl" not in out["summary"]  # the table reference is listed under "tables"
     assert out["config"] == {"nested": {"lr": 0.1, "n": 3}, "big": big}
     assert [(t["key"], t["nrows"], t["columns"]) for t in out["tables"]] == [("tbl", 2, ["a", "b"])]
 

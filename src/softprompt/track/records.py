@@ -297,7 +297,9 @@ def summarize(run: OfflineRun) -> dict[str, Any]:
         "finished": run.finished, "exit_code": run.exit_code,
         "history_rows": len(run.history),
         "history_keys": dict(sorted(history_keys.items())),
-        "summary": run.user_summary(),
+        # table references (W&B keeps the last one of each key in the summary) are under "tables"
+        "summary": {k: v for k, v in run.user_summary().items()
+                    if not (isinstance(v, dict) and v.get("_type") in TABLE_TYPES)},
         "config": run.config,
         "tables": [{"key": t.key, "step": t.step, "nrows": t.nrows, "ncols": t.ncols, "columns": t.columns}
                    for t in run.tables],
