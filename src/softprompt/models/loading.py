@@ -27,7 +27,7 @@ from softprompt.core.errors import UserError
 from softprompt.core.paths import cache_dir
 
 # Bloom has no SDPA kernel in transformers 5 (eager ALiBi); for Llama-family models the choice
-# is measured in scripts/bench.py (see README, "Speed").
+# is measured in scripts/bench.py (see docs/speed.md).
 DEFAULT_ATTN = {"llama": "sdpa", "bloom": "eager"}
 
 
