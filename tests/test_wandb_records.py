@@ -182,7 +182,7 @@ def test_tail_check_is_false_when_a_record_follows_the_exit(tmp_path):
 def test_module_entry_prints_the_run_as_json(direct_run):
     run_dir, run_id, big = direct_run
     done = subprocess.run([sys.executable, "-m", "softprompt.track.records", str(run_dir)],
-                          capture_output=True, text=True, env=child_env(), timeout=120)
+                          check=False, capture_output=True, text=True, env=child_env(), timeout=120)
     assert done.returncode == 0, done.stderr
     [line] = done.stdout.splitlines()
     out = json.loads(line)
@@ -197,7 +197,7 @@ def test_module_entry_prints_the_run_as_json(direct_run):
 
 def test_module_entry_errors_are_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "softprompt.track.records", str(tmp_path)],
-                          capture_output=True, text=True, env=child_env(), timeout=120)
+                          check=False, capture_output=True, text=True, env=child_env(), timeout=120)
     assert done.returncode == 2
     assert done.stderr.startswith("error: no W&B run files") and done.stderr.count("\n") == 1
     assert done.stdout == ""

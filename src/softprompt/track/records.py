@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"{root} does not exist; give a run dir, a multirun dir or a run-*.wandb file")
             files = find_run_files(root)
             if not files:
-                raise UserError(f"no W&B run files (run-*.wandb) under {root}; was the run made with wandb.mode=disabled?")
+                raise UserError(f"no W&B run files (run-*.wandb) under {root}; "
+                                "was the run made with wandb.mode=disabled?")
             for run_file in files:
                 print(json.dumps(summarize(_fold(run_file, iter_records(run_file))), default=str), flush=True)
     except (RecordFileError, UserError) as exc:
