@@ -64,7 +64,7 @@ def verify(directory: Path) -> dict:
         files = manifest["files"]
         assert manifest["format"] == FORMAT and isinstance(files, dict)
     except FileNotFoundError:
-        raise Damaged("no completeness marker: a build that did not finish") from None
+        raise Damaged("no completeness marker") from None  # an unfinished build, or one by an older softprompt
     except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
         raise Damaged(f"unreadable marker: {type(exc).__name__}") from None
     for rel, expected in files.items():
