@@ -379,8 +379,10 @@ def test_two_processes_on_a_cold_cache_build_each_entry_once(cold, tmp_path):
     counter, barrier = tmp_path / "builds.txt", tmp_path / "barrier"
     barrier.mkdir()
     overrides = json.dumps(TINY + ["dataset.max_samples=16", "eval.max_new_tokens=4", "eval.num_heldout_generations=1"])
+    # the children see this process's PYTHONPATH too (how the filelock floor in pyproject was tested)
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
     children = [subprocess.Popen([sys.executable, "-c", CHILD, str(counter), str(barrier), name, overrides],
-                                 cwd=ROOT, env=child_env({"SOFTPROMPT_CACHE": str(cold)}),
+                                 cwd=ROOT, env=child_env({"SOFTPROMPT_CACHE": str(cold), "PYTHONPATH": pythonpath}),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for name in ("a", "b")]
     outputs = [child.communicate(timeout=300) for child in children]
