@@ -203,7 +203,23 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHA1 = re.compile(r"[0-9a-f]{40}")
 
 
+# blobs found whole in this process, by (path, size, mtime): the start-up checks and the loader
+# both check the download, and hashing a 1 GB model twice would cost a second
+_whole_blobs: set[tuple[str, int, int]] = set()
+
+
 def _blob_damage(blob: Path) -> str | None:
+    stat = blob.stat()
+    seen = (str(blob), stat.st_size, stat.st_mtime_ns)
+    if seen in _whole_blobs:
+        return None
+    problem = _hash_mismatch(blob)
+    if problem is None:
+        _whole_blobs.add(seen)
+    return problem
+
+
+def _hash_mismatch(blob: Path) -> str | None:
     name = blob.name
     if _SHA256.fullmatch(name):
         return None if file_digest(blob) == name else "does not match its SHA-256"
