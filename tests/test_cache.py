@@ -196,6 +196,22 @@ def test_tiny_model_entry_damaged(cold, capfd, file):
     assert json.loads((directory / "config.json").read_text())["hidden_size"] == 64
 
 
+def test_damaged_model_entry_named_by_path_is_one_error(cold):
+    """scripts/generate.py and the demo load a tiny or converted base by its cache path: a damaged
+    one cannot be rebuilt from there."""
+    from softprompt.models.loading import load_model
+
+    directory = Path(load_model(compose(TINY).model).base_path)
+    cfg = compose(["model=bloomz-560m", f"model.name_or_path={directory}"]).model
+    assert load_model(cfg).model.config.hidden_size == 64
+    _flip_byte(directory / "model.safetensors")
+    with pytest.raises(UserError) as info:
+        load_model(cfg)
+    assert str(info.value) == (
+        f"cache entry {directory} is damaged (model.safetensors does not match its SHA-256); rerun the training "
+        f"command that built it (it rebuilds the entry), or clear it with `rm -rf {directory}`")
+
+
 def test_base_eval_entry_damaged(cold, capfd):
     from softprompt.evaluation.base_cache import cached_evaluation
     from softprompt.evaluation.evaluate import ModelEval

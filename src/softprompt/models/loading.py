@@ -80,6 +80,16 @@ def _from_pretrained(path: str, cfg: DictConfig, local_only: bool):
                 "give a directory written by save_pretrained, or a Hub id"
             )
         path, local_only = str(local), True
+        if (local / cache.MANIFEST).is_file():
+            # a softprompt cache entry (a converted or tiny model named by a saved adapter): only
+            # the command that built it knows how to build it again
+            try:
+                cache.verify(local)
+            except cache.Damaged as exc:
+                raise UserError(
+                    f"cache entry {local} is damaged ({exc}); rerun the training command that built it "
+                    f"(it rebuilds the entry), or clear it with `rm -rf {local}`"
+                ) from None
     else:
         local_only = local_only or not hub.reachable()
         # the Hub cache is the library's; checking it here turns a damaged download into one
