@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -109,6 +110,35 @@ def test_killed_build_leaves_no_entry_and_its_staging_is_cleared(cold):
     calls: list[str] = []
     cache.entry("things", "k1", _build_two_files(calls))
     assert sorted(p.name for p in (cold / "things").iterdir()) == [".k1.lock", "k1"]
+
+
+def test_full_disk_during_a_build_is_one_error_and_no_entry(cold):
+    def fills_disk(staging: Path) -> None:
+        (staging / "a.bin").write_bytes(b"x" * 2**20)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserError) as info:
+        cache.entry("things", "k1", fills_disk)
+    message = str(info.value)
+    assert message.startswith(f"no space left for cache entry things/k1 in {cold / 'things'} (1.0 MiB written, ")
+    assert message.endswith(" MiB free); free some space or point SOFTPROMPT_CACHE to a larger disk")
+    assert sorted(p.name for p in (cold / "things").iterdir()) == [".k1.lock"]
+    assert cache.entry("things", "k1", _build_two_files([]))[1]  # space again: built
+
+
+def test_unlockable_cache_is_one_error_but_complete_entries_still_read(cold):
+    calls: list[str] = []
+    path, _ = cache.entry("things", "k1", _build_two_files(calls))
+    # stands in for a cache the user cannot write (the tests run as root, so no chmod)
+    for name in ("k1", "k2"):
+        (cold / "things" / f".{name}.lock").unlink(missing_ok=True)
+        (cold / "things" / f".{name}.lock").mkdir()
+    assert cache.entry("things", "k1", _build_two_files(calls)) == (path, False)
+    with pytest.raises(UserError) as info:
+        cache.entry("things", "k2", _build_two_files(calls))
+    assert str(info.value).startswith(f"cannot lock cache entry things/k2 in {cold / 'things'} (")
+    assert str(info.value).endswith("); make it writable or point SOFTPROMPT_CACHE to a writable directory")
+    assert calls == ["built"]
 
 
 def test_json_entry_with_an_unexpected_shape_is_recomputed(cold, capfd):

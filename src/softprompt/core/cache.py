@@ -14,6 +14,7 @@ converted to fp32 safetensors (0.5 GB), is checked in ~0.35 s, the tiny models' 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -126,7 +127,8 @@ def entry(kind: str, name: str, build: Callable[[Path], None]) -> tuple[Path, bo
 
     `build(staging)` writes the entry's files into the empty directory `staging`; it runs under
     the entry's lock, at most once at a time for one entry across all processes on this machine
-    (and on a shared filesystem that supports POSIX locks).
+    (across machines only on a shared filesystem whose locks work between them, e.g. NFSv4).
+    A complete entry is read without the lock, so a read-only cache that holds it still works.
     """
     directory = cache_dir(kind)
     target = directory / name
@@ -137,10 +139,14 @@ def entry(kind: str, name: str, build: Callable[[Path], None]) -> tuple[Path, bo
         pass
     lock = FileLock(str(directory / f".{name}.lock"))
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        notice(f"waiting for cache entry {kind}/{name}: another process is building it")
-        lock.acquire()
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            notice(f"waiting for cache entry {kind}/{name}: another process is building it")
+            lock.acquire()
+    except OSError as exc:
+        raise UserError(f"cannot lock cache entry {kind}/{name} in {directory} ({exc.strerror or exc}); "
+                        "make it writable or point SOFTPROMPT_CACHE to a writable directory") from exc
     try:
         try:
             verify(target)
@@ -156,6 +162,15 @@ def entry(kind: str, name: str, build: Callable[[Path], None]) -> tuple[Path, bo
         try:
             build(staging)
             _commit(staging, target)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            written = sum(p.stat().st_size for p in _files(staging))
+            raise UserError(
+                f"no space left for cache entry {kind}/{name} in {directory} ({written / 2**20:.1f} MiB written, "
+                f"{shutil.disk_usage(directory).free / 2**20:.1f} MiB free); free some space or point "
+                "SOFTPROMPT_CACHE to a larger disk"
+            ) from exc
         finally:
             _remove(staging)
         return target, True
