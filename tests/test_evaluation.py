@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,14 +146,15 @@ def _base_eval(cfg, counter, loaded=None):
 
 
 def test_base_evaluation_is_cached_and_recomputed_on_change(tmp_path, monkeypatch):
-    import softprompt.evaluation.base_cache
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path))  # an empty cache
 
-    monkeypatch.setattr(softprompt.evaluation.base_cache, "cache_dir", lambda kind: tmp_path)  # an empty cache
+    def entries() -> list[Path]:
+        return [p for p in (tmp_path / "base_eval").iterdir() if p.is_dir() and not p.name.startswith(".")]
     base = TINY + ["eval.max_new_tokens=2", "dataset.max_samples=12", "eval.num_heldout_generations=1"]
     calls: list[int] = []
     (first, hit, _), loaded = _base_eval(compose(base), calls)
     assert not hit and len(calls) > 0
-    assert len(list(tmp_path.glob("*.json"))) == 1
+    assert len(entries()) == 1
 
     calls.clear()
     (again, hit, _), _ = _base_eval(compose(base), calls, loaded)
@@ -178,7 +180,7 @@ def test_base_evaluation_is_cached_and_recomputed_on_change(tmp_path, monkeypatc
     calls.clear()
     (_, hit, _), _ = _base_eval(compose(base + ["peft.num_virtual_tokens=9", "training.epochs=3"]), calls, loaded)
     assert hit and calls == []  # what a sweep varies does not touch the base evaluation
-    assert len(list(tmp_path.glob("*.json"))) == 1 + len(changes) + 1
+    assert len(entries()) == 1 + len(changes) + 1
 
 
 # --- generation metrics ------------------------------------------------------------------------
