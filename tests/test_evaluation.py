@@ -12,6 +12,7 @@ import torch
 from conftest import TINY, compose
 
 from softprompt.core import keys
+from softprompt.core.rundir import RunDir
 from softprompt.evaluation.gen_metrics import (
     distinct_n2,
     generation_metrics,
@@ -199,8 +200,8 @@ def test_generation_metrics_values():
 
 def test_run_records_gen_metrics_and_references(tiny_run):
     run_dir, metrics = tiny_run
-    on_disk = json.loads((run_dir / "metrics.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    on_disk = json.loads((run_dir / RunDir.METRICS).read_text())
+    rows = [json.loads(line) for line in (run_dir / RunDir.GENERATIONS).read_text().splitlines()]
     held = [r for r in rows if "reference" in r]
     assert len(held) == 2 and all(r["reference"] and r["prompt"] for r in held)
     assert on_disk[keys.GEN_EXAMPLES] == 2
@@ -213,6 +214,6 @@ def test_run_records_gen_metrics_and_references(tiny_run):
     assert on_disk[keys.EVAL_BASE_CACHED] in (0, 1)
     assert on_disk[keys.EVAL_RUNTIME_S] == pytest.approx(on_disk[keys.EVAL_BASE_RUNTIME_S]
                                                          + on_disk[keys.EVAL_TUNED_RUNTIME_S])
-    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (run_dir / RunDir.HISTORY).read_text().splitlines()]
     # the tuned evaluation reuses the last per-epoch perplexity of the same weights
     assert history[-1][keys.EVAL_PERPLEXITY] == on_disk[keys.EVAL_PERPLEXITY]

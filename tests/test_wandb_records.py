@@ -12,6 +12,7 @@ import zlib
 import pytest
 from conftest import child_env
 
+from softprompt.core.rundir import RunDir
 from softprompt.track.records import (
     BLOCK_LEN,
     RecordFileError,
@@ -87,7 +88,7 @@ def test_reads_a_training_run(tiny_run):
     run_dir, metrics = tiny_run
     r = read_run(run_dir)
     assert r.finished
-    assert r.config["peft"]["num_virtual_tokens"] == json.loads((run_dir / "config.json").read_text())["peft"][
+    assert r.config["peft"]["num_virtual_tokens"] == json.loads((run_dir / RunDir.CONFIG).read_text())["peft"][
         "num_virtual_tokens"]
     assert {a.type for a in r.artifacts} >= {"model"}
 

@@ -202,7 +202,13 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> int:
+    """`python scripts/bench.py ...` / the console script softprompt-bench: prints the JSON."""
+    measure(argv)
+    return 0
+
+
+def measure(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("SOFTPROMPT_QUIET", "1")
     args = parse_args(argv)

@@ -9,7 +9,7 @@ imports, the tokenization cache and model files are paid for once (see docs/swee
 
 from __future__ import annotations
 
-import json
+import argparse
 import math
 import random
 import time
@@ -20,11 +20,14 @@ from typing import Any
 import yaml
 
 from softprompt.core import atomic, keys
-from softprompt.core.errors import UserError
+from softprompt.core.errors import UserError, report_and_exit
+from softprompt.core.rundir import RunDir
 
 METHODS = ("grid", "random", "bayes")
 # keys W&B's server reads but the `sweeps` package's schema does not know
 SERVER_KEYS = ("run_cap",)
+# the sweep's own record beside its job dirs: values, state and metric of every job
+SWEEP_STATE = "sweep.json"
 
 
 @dataclass
@@ -251,9 +254,7 @@ def _run_job(job: Job, overrides: list[str]) -> None:
         cfg = compose(overrides)
         job.metrics = run(cfg, run_dir=job.run_dir)
         job.state = "finished"
-        history = job.run_dir / "history.jsonl"
-        if history.is_file():
-            job.history = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+        job.history = RunDir(job.run_dir).read_history()
     except UserError as exc:
         # a job can fail for its values (a learning rate that diverges): like W&B agents, the
         # sweep goes on and the search learns that this region is bad
@@ -276,4 +277,43 @@ def _write_state(sweep_dir: Path, sweep: Sweep, sweep_id: str, extra: list[str],
                   "seconds": round(j.seconds, 2), "error": j.error,
                   "metric": j.metrics.get((sweep.metric or {}).get("name", keys.EVAL_PERPLEXITY))} for j in jobs],
     }
-    atomic.write_json(sweep_dir / "sweep.json", state)
+    atomic.write_json(sweep_dir / SWEEP_STATE, state)
+
+
+# --- command line: python scripts/sweep.py SWEEP.yaml ... (console script softprompt-sweep) --------
+
+CLI_DOC = """python scripts/sweep.py SWEEP.yaml [--count N] [--seed S] [--root DIR] [overrides...]
+
+Runs a W&B sweep file offline, without the W&B service: the same parameter semantics (grid,
+random, bayes; values and distributions; run_cap) through the `sweeps` package that W&B's
+controller uses. Each job is one run of `train.py` with the sweep's values plus OVERRIDES, in
+multirun/sweep-<name>-<time>/<i>/, with its own offline W&B run, grouped by sweep.
+Then: python scripts/report.py multirun/sweep-<name>-<time>
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=CLI_DOC.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_file", help="a W&B sweep YAML, e.g. sweeps/tokens_x_epochs.yaml")
+    parser.add_argument("--count", type=int, default=None,
+                        help="run at most N jobs (default: the whole grid, or run_cap)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random/bayes search (default 0)")
+    parser.add_argument("--root", default="multirun", help="where the sweep dir goes (default multirun/)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every job, e.g. model=tiny-bloom")
+    # overrides may come before or after the options
+    args = parser.parse_intermixed_args(argv)
+    try:
+        if args.count is not None and args.count < 1:
+            raise UserError(f"--count must be >= 1 (got {args.count})")
+        sweep = load_sweep(args.sweep_file)
+        sweep_dir, jobs = run_sweep(sweep, args.overrides, count=args.count, root=args.root, seed=args.seed)
+    except UserError as exc:
+        report_and_exit(str(exc))
+    finished = sum(j.state == "finished" for j in jobs)
+    print(f"sweep {sweep.name}: {finished}/{len(jobs)} jobs finished in {sweep_dir}; "
+          f"compare them with: python scripts/report.py {sweep_dir}", flush=True)
+    if jobs and not finished:
+        report_and_exit(f"every job of sweep {sweep.name} failed (see {sweep_dir / SWEEP_STATE})")
+    return 0
+
