@@ -35,6 +35,11 @@ def _synthetic_sweep(root: Path) -> Path:
         rows = [{keys.EPOCH: 1.0, keys.TRAIN_STEP: 2, keys.EVAL_PERPLEXITY: ppl + 1},
                 {keys.EPOCH: 2.0, keys.TRAIN_STEP: 4, keys.EVAL_PERPLEXITY: ppl}]
         (d / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        # the first virtual token reads as the same word in every seed, the others differ
+        prompt = [{"position": k, "neighbours": [{"token": "cat" if k == 0 else f"w{seed}-{k}",
+                                                   "id": 5 if k == 0 else 100 * seed + k, "cosine": 0.5}],
+                   "cosine_to_init": 0.25 * seed, "l2_to_init": 1.0, "l2_norm": 2.0} for k in range(tokens)]
+        (d / "prompt_tokens.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompt))
         (d / "generations.jsonl").write_text(json.dumps({"prompt": "Act as a <cat>", "base": "meow | base\nline 2",
                                                          "tuned": f"tuned text {i}"}) + "\n")
     return root
@@ -66,6 +71,11 @@ def test_seeds_form_grid_points_whose_stats_equal_a_hand_computation(tmp_path):
     assert "| tokens | 8 | 16 | all runs | -5.5 | 2.28 | beyond spread |" in text
     for png in ("ppl_vs_virtual_tokens.png", "eval_curves.png", "pareto.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in text
+    # do seeds learn the same words: per length, each seed's nearest tokens and the agreement
+    seeds = text[text.index("## Learned prompts across seeds"):]
+    row = next(line for line in seeds.splitlines() if line.startswith("| 16 |"))
+    assert [c.strip() for c in row.strip("|").split(" | ")] == [
+        "16", "tokens=16", "1", " ".join(["`cat`", *(f"`w1-{k}`" for k in range(1, 16))]), "0.25", "5", "1/16"]
     # no training loss anywhere (no train rows, no W&B files): no empty plot
     assert not (tmp_path / "train_loss.png").exists()
 

@@ -198,8 +198,10 @@ class Report:
         return markdown_table(*self.rows())
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+def markdown_table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
+    """`align`: per column "---:" (right) or "---" (left); default all left."""
+    rule = "| " + " | ".join(align) + " |" if align else "|" + "|".join("---" for _ in header) + "|"
+    lines = ["| " + " | ".join(header) + " |", rule]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -438,27 +440,67 @@ def _md_text(text: str) -> str:
     return html.escape(str(text)).replace("|", "\\|").replace("\n", "<br>")
 
 
-def prompt_tokens_section(report: Report) -> list[str]:
+def prompt_tokens_table(report: Report) -> tuple[str, list[str], list[list[str]]] | None:
     """The learned prompt of the best run (else the first that has one), read as tokens: per
-    virtual token its nearest vocabulary tokens (cosine) and how far it moved from its init."""
+    virtual token its nearest vocabulary tokens (cosine) and how far it moved from its init.
+    Returns (note, header, rows), or None when no run has a soft prompt."""
     with_tokens = [i for i, r in enumerate(report.runs) if r.prompt_tokens]
     if not with_tokens:
-        return []
+        return None
     i = report.best if report.best in with_tokens else with_tokens[0]
     run = report.runs[i]
     which = "best run" if i == report.best else "first run with a soft prompt"
-    lines = ["## The learned prompt, read as tokens", "",
-             f"Run `{run.name}` ({which}), from its `{PROMPT_TOKENS}`: each virtual token's nearest "
-             "vocabulary tokens by cosine similarity in the input-embedding space, and its cosine "
-             "similarity and L2 distance to its initial value (Lester et al. 2021). The table's "
-             "`prompt, nearest tokens` column gives every run's nearest token per position.", "",
-             "| position | nearest tokens (cosine) | cosine to init | L2 to init | L2 norm |",
-             "| ---: | --- | ---: | ---: | ---: |"]
-    for row in run.prompt_tokens:
-        neighbours = ", ".join(f"{_neighbour_markdown(n)} {n['cosine']:.2f}" for n in row["neighbours"])
-        lines.append(f"| {row['position']} | {neighbours} | {_fmt(row.get('cosine_to_init'), 3)} | "
-                     f"{_fmt(row.get('l2_to_init'), 3)} | {_fmt(row.get('l2_norm'), 3)} |")
-    return lines + [""]
+    note = (f"Run `{run.name}` ({which}), from its `{PROMPT_TOKENS}`: each virtual token's nearest "
+            "vocabulary tokens by cosine similarity in the input-embedding space, and its cosine "
+            "similarity and L2 distance to its initial value (Lester et al. 2021). The table's "
+            "`prompt, nearest tokens` column gives every run's nearest token per position.")
+    header = ["position", "nearest tokens (cosine)", "cosine to init", "L2 to init", "L2 norm"]
+    rows = [[str(row["position"]), ", ".join(f"{_neighbour_markdown(n)} {n['cosine']:.2f}" for n in row["neighbours"]),
+             _fmt(row.get("cosine_to_init"), 3), _fmt(row.get("l2_to_init"), 3), _fmt(row.get("l2_norm"), 3)]
+            for row in run.prompt_tokens]
+    return note, header, rows
+
+
+def seed_prompts_table(report: Report) -> tuple[str, list[str], list[list[str]]] | None:
+    """Do seeds learn the same words? For each prompt length, the best grid point's seeds side by
+    side: each seed's nearest tokens and drift from init, and the positions where all agree."""
+    best: dict[int, tuple[float, Point]] = {}
+    for p in report.points:
+        stat = p.stat(keys.EVAL_PERPLEXITY)
+        if len(p.runs) > 1 and stat and all(r.prompt_tokens for r in p.runs):
+            length = len(p.runs[0].prompt_tokens)
+            if length not in best or stat.mean < best[length][0]:
+                best[length] = (stat.mean, p)
+    if not best:
+        return None
+    header = ["tokens", "grid point", "seed", "nearest token per position", "cos to init", "tuned ppl",
+              "positions where all seeds agree"]
+    rows = []
+    for length, (_, p) in sorted(best.items()):
+        nearest = [[row["neighbours"][0]["id"] if row["neighbours"] else None for row in r.prompt_tokens] for r in p.runs]
+        agree = sum(len(set(col)) == 1 and col[0] is not None for col in zip(*nearest))
+        for j, r in enumerate(p.runs):
+            rows.append([str(length), p.label(), _fmt(r.config.get(SEED)), nearest_summary(r.prompt_tokens),
+                         _fmt(mean_cosine_to_init(r.prompt_tokens), 3), _fmt(r.metrics.get(keys.EVAL_PERPLEXITY)),
+                         f"{agree}/{length}" if j == 0 else ""])
+    note = ("The best grid point at each prompt length, one row per seed: the nearest vocabulary token of each "
+            "virtual token, the mean cosine similarity to its init, and how many positions have the same "
+            "nearest token in every seed.")
+    return note, header, rows
+
+
+def prompt_tokens_section(report: Report) -> list[str]:
+    lines = []
+    table = prompt_tokens_table(report)
+    if table:
+        note, header, rows = table
+        lines += ["## The learned prompt, read as tokens", "", note, "",
+                  markdown_table(header, rows, align=["---:", "---", "---:", "---:", "---:"]), ""]
+    seeds = seed_prompts_table(report)
+    if seeds:
+        note, header, rows = seeds
+        lines += ["## Learned prompts across seeds", "", note, "", markdown_table(header, rows), ""]
+    return lines
 
 
 def nearest_summary(rows: list[dict[str, Any]] | None) -> str:
@@ -729,12 +771,11 @@ def report_html(report: Report, plots: list[Path]) -> str:
         parts += ["<h2>Generations, base vs tuned</h2>",
                   f'<p class="note">Run <code>{html.escape(run.name)}</code>, from its {GENERATIONS}.</p>',
                   _html_table(header, [[str(g.get(k, "")) for k in header] for g in generations], raw=True)]
-    tokens = prompt_tokens_section(report)
-    if tokens:
-        table = [line for line in tokens if line.startswith("| ")]
-        rows = [[c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]] for line in table]
-        parts += ["<h2>The learned prompt, read as tokens</h2>", f'<p class="note">{_cell_html(tokens[2])}</p>',
-                  _html_table(rows[0], rows[1:])]
+    for title, table in (("The learned prompt, read as tokens", prompt_tokens_table(report)),
+                         ("Learned prompts across seeds", seed_prompts_table(report))):
+        if table:
+            note, header, rows = table
+            parts += [f"<h2>{title}</h2>", f'<p class="note">{_cell_html(note)}</p>', _html_table(header, rows)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
