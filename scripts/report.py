@@ -1,9 +1,11 @@
 """python scripts/report.py DIR...: compare finished runs (a multirun/sweep dir or run dirs).
 
-Writes DIR/report.md (one row per run: the swept values, base and tuned held-out perplexity, their
-ratio, gen/ metrics, runtime, tokens/s; best run marked) and PNG plots into the first DIR, and
-prints the table. Unfinished runs (no metrics.json) are skipped and listed.
-"""
+Writes into the first DIR: report.md (grid points over seeds with mean, std, min-max and n;
+neighbouring points within the spread; one row per run: swept values, base and tuned held-out
+perplexity, their ratio, gen/ metrics, runtime, tokens/s, FLOPs; the base-vs-tuned generations;
+the learned prompt as tokens), a self-contained report.html (the same, plots inline) and the PNG
+plots (ppl_vs_virtual_tokens, eval_curves, train_loss, pareto), and prints the run table.
+Unfinished runs (no metrics.json) are skipped and listed."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     for skipped in report.skipped:
         print(f"skipped {skipped}: unfinished (no metrics.json)")
     print(report.table())
-    print(f"wrote {path} and its plots")
+    print(f"wrote {path}, {path.with_name('report.html')} and the plots")
     return 0
 
 

@@ -411,7 +411,9 @@ COMPARISONS_NOTE = ("Pairs of grid points equal on every other axis, adjacent on
 PARETO_NOTE = ("`pareto.png`: held-out perplexity against training FLOPs (`train/flops`: 4N per real "
                "token for prompt tuning, see softprompt.models.flops) and against trainable parameters; "
                "one point per grid point (mean over seeds, std as error bars), the Pareto frontier "
-               "(no other point is both cheaper and better) drawn as a line.")
+               "(no other point is both cheaper and better) drawn as a line. FLOPs count real tokens only, "
+               "so prompt length alone does not move a point right: the virtual positions add about "
+               "num_virtual_tokens / sequence length more compute.")
 
 
 def _best_run_with(report: Report, present) -> RunRecord | None:
@@ -547,8 +549,18 @@ def _save(fig, path: Path) -> Path:
 
 
 def _base_lines(ax, runs: list[RunRecord]) -> None:
-    for i, base in enumerate(sorted({round(v, 6) for r in runs if (v := r.value(keys.EVAL_BASE_PERPLEXITY))})):
-        ax.axhline(base, color="gray", linestyle="--", linewidth=1, label="base model" if i == 0 else None)
+    """The base model's held-out perplexity as a dashed reference line. Seeds draw their own
+    held-out split, so the base model scores differently per seed: then the mean, with the
+    min-max as a gray band (one line per split would read as several base models)."""
+    values = sorted({round(v, 6) for r in runs if (v := r.value(keys.EVAL_BASE_PERPLEXITY)) is not None})
+    if not values:
+        return
+    if len(values) == 1:
+        ax.axhline(values[0], color="gray", linestyle="--", linewidth=1, label="base model")
+        return
+    ax.axhline(statistics.fmean(values), color="gray", linestyle="--", linewidth=1,
+               label=f"base model (mean of {len(values)} splits, band: min–max)")
+    ax.axhspan(values[0], values[-1], color="gray", alpha=0.12, linewidth=0)
 
 
 def plot_ppl_vs_tokens(report: Report, path: Path) -> Path | None:
@@ -560,7 +572,8 @@ def plot_ppl_vs_tokens(report: Report, path: Path) -> Path | None:
         stat = p.stat(keys.EVAL_PERPLEXITY)
         tokens = p.runs[0].metrics.get(keys.PEFT_NUM_VIRTUAL_TOKENS, p.runs[0].config.get(keys.CFG_NUM_VIRTUAL_TOKENS))
         if stat is not None and isinstance(tokens, int):
-            series.setdefault(p.label(exclude=(keys.CFG_NUM_VIRTUAL_TOKENS,)), []).append((tokens, stat))
+            label = p.label(exclude=(keys.CFG_NUM_VIRTUAL_TOKENS,)) if len(report.axes) > 1 else "tuned"
+            series.setdefault(label, []).append((tokens, stat))
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -673,7 +686,9 @@ def plot_pareto(report: Report, path: Path) -> Path | None:
         fx, fy = [pts[i][1].mean for i in front], [pts[i][2].mean for i in front]
         ax.step(fx, fy, where="post", color="black", linewidth=1, alpha=0.7, label="Pareto frontier")
         _base_lines(ax, report.runs)
-        ax.set_xscale("log")
+        xs = [x.mean for _, x, _ in pts]
+        if max(xs) > 20 * min(xs):  # a log axis only where the costs span orders of magnitude
+            ax.set_xscale("log")
         ax.set_xlabel(xlabel + (" (mean over seeds)" if report.seeded and key == keys.TRAIN_FLOPS else ""))
         ax.set_ylabel("held-out perplexity (tuned)")
         ax.set_title(f"Perplexity vs {xlabel}")
@@ -686,17 +701,20 @@ def plot_pareto(report: Report, path: Path) -> Path | None:
 # --- report.html ---------------------------------------------------------------------------------
 
 _CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1400px;
        padding: 0 1em; color: #222; line-height: 1.4; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
 th, td { border: 1px solid #ccc; padding: 3px 7px; vertical-align: top; }
 th { background: #f3f3f3; } tr:nth-child(even) td { background: #fafafa; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.text { max-width: 28em; white-space: pre-wrap; }
+td.text { max-width: 28em; white-space: pre-wrap; } td.tokens { min-width: 22em; }
 code { background: #f0f0f0; padding: 0 2px; white-space: pre; }
 .within { color: #a15c00; font-weight: 600; } .best { color: #0a6b2d; font-weight: 600; }
-.plots img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; display: block; }
+.scroll { overflow-x: auto; max-width: 100%; }
+.plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 0.8em; }
+.plots img { width: 100%; border: 1px solid #eee; }
+.plots img.wide { grid-column: 1 / -1; max-width: 1100px; }
 .note { color: #555; font-size: 0.9em; max-width: 60em; }
 """
 
@@ -732,10 +750,12 @@ def _html_table(header: list[str], rows: list[list[str]], raw: bool = False) -> 
             if raw:
                 cells.append(f'<td class="text">{html.escape(cell)}</td>')
             else:
-                cls = ' class="num"' if _NUMERIC.match(cell) else ""
+                # the nearest-token column: wide enough to stay on a few lines
+                cls = ' class="num"' if _NUMERIC.match(cell) else ' class="tokens"' if cell.count("`") >= 8 else ""
                 cells.append(f"<td{cls}>{_cell_html(cell)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    # wide tables (many swept keys and gen/ metrics) scroll inside the page instead of widening it
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def report_html(report: Report, plots: list[Path]) -> str:
@@ -758,7 +778,8 @@ def report_html(report: Report, plots: list[Path]) -> str:
         parts.append('<h2>Plots</h2><div class="plots">')
         for p in plots:
             data = base64.b64encode(p.read_bytes()).decode("ascii")
-            parts.append(f'<img alt="{html.escape(p.stem)}" title="{html.escape(p.name)}" '
+            wide = ' class="wide"' if p.name == PLOT_PARETO else ""  # two panels side by side
+            parts.append(f'<img{wide} alt="{html.escape(p.stem)}" title="{html.escape(p.name)}" '
                          f'src="data:image/png;base64,{data}">')
         parts.append("</div>")
         if PLOT_PARETO in {p.name for p in plots}:
