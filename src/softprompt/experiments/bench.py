@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from softprompt.models.flops import matmul_params
+
 SEED_MAX_LENGTH = 1024  # "no truncation" with a sane cap: the longest prompt CSV row is ~380 tokens
 FLOPS_FORMULA = ("4 * N per real token: forward 2N + backward 2N (activation gradients only; the base "
                  "is frozen, so no weight gradients); N = matmul parameters = all parameters except the "
@@ -59,13 +61,6 @@ def matmul_peak_flops(dtype: torch.dtype, size: int = 1536, seconds: float = 2.0
         a @ b
         best = max(best, 2 * size**3 / (time.perf_counter() - start))
     return best
-
-
-def matmul_params(model) -> int:
-    """N of the FLOPs formula: every parameter but the input embedding, plus the lm_head."""
-    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    n = sum(p.numel() for p in model.parameters() if p is not embed)
-    return n + (head.numel() if head is embed else 0)
 
 
 def _timed_train(trainer, clock: StepClock, warmup_steps: int) -> dict:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from softprompt.core import keys
 from softprompt.core.errors import UserError
+from softprompt.core.grid import point_id
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 
@@ -221,6 +222,8 @@ class Tracker:
             project=cfg.wandb.project,
             entity=cfg.wandb.entity,
             group=cfg.wandb.group,
+            # the runs of one grid point (equal but for the seed) share it: W&B groups their seeds
+            job_type=f"point-{point_id(config)}",
             tags=list(cfg.wandb.tags or []),
             name=name,
             dir=str(run_dir),

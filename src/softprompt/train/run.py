@@ -29,6 +29,7 @@ from softprompt.evaluation.evaluate import (
     train_subset,
 )
 from softprompt.evaluation.perplexity import perplexity
+from softprompt.models.flops import training_flops
 from softprompt.models.loading import count_parameters, load_model
 from softprompt.models.methods import (
     soft_prompt_embeddings,
@@ -161,6 +162,8 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
         keys.TRAIN_TIME_TO_FIRST_STEP_S: first_step.seconds,
         keys.TRAIN_TRAINABLE_PARAMS: trainable,
         keys.TRAIN_TOTAL_PARAMS: total,
+        keys.TRAIN_TOKENS_SEEN: real_tokens,
+        keys.TRAIN_FLOPS: training_flops(model, real_tokens),
         keys.TRAIN_PRECISION: precision,
         keys.TRAIN_RESUMED_FROM_STEP: start.step,
         keys.PEFT_NUM_VIRTUAL_TOKENS: cfg.peft.num_virtual_tokens,
