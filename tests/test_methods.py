@@ -36,7 +36,7 @@ def _tiny(method: str, *extra: str):
 
 
 def _batch(tok):
-    from softprompt.train.trainer import PaddingCollator
+    from softprompt.train.batches import PaddingCollator
 
     return PaddingCollator(tok.pad_token_id)([{"input_ids": tok("I want you to act as a poet.")["input_ids"]},
                                               {"input_ids": tok("Be yourself; everyone else is taken.")["input_ids"]}])
@@ -48,7 +48,7 @@ def test_preset_trains_saves_and_reloads(method, tmp_path):
 
     from softprompt.data.loading import load_splits, tokenize
     from softprompt.models.loading import load_model
-    from softprompt.train.trainer import build_trainer
+    from softprompt.train.trainer import LoopSettings, job_from_config, train
 
     cfg, loaded, model = _tiny(method)
     assert cfg.peft.method == method
@@ -56,9 +56,10 @@ def test_preset_trains_saves_and_reloads(method, tmp_path):
     before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     assert sum(v.numel() for v in before.values()) == TRAINABLE[method]
     rows = tokenize(load_splits(cfg.dataset, cfg.seed).train[:16], tok, 64, "tiny")
-    trainer = build_trainer(model, tok, rows, cfg, tmp_path / "ckpt", "fp32", [])
-    trainer.train()
-    assert trainer.state.global_step == 2
+    result = train([job_from_config(cfg, model)], rows, tok.pad_token_id, LoopSettings.from_config(cfg, "fp32"),
+                   checkpoint_dir=tmp_path / "ckpt")
+    assert result.steps == 2 and result.epoch == 1.0  # 16 rows, batch 8: one epoch
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["checkpoint-2"]
     after = dict(model.named_parameters())
     assert any(not torch.equal(before[k], after[k]) for k in before), "no trainable weight moved"
 
