@@ -12,7 +12,7 @@ in scripts/bench.py):
 
 The loop trains a *set* of jobs, each a trainable prompt with its own parameters, optimizer,
 learning-rate schedule, gradient clipping, loss normalisation and data order; a plain run is a
-set of one. Jobs take their steps in turn on the same frozen base model.
+set of one. Jobs take their steps in turn (issue 14 adds packing their rows into one forward).
 
 `accelerate` places the model on the device and, under `torchrun`/`accelerate launch`, wraps it in
 DDP (gloo on CPU, nccl on GPUs); every rank trains its shard of each batch, rank 0 alone evaluates,
@@ -146,12 +146,12 @@ def train(jobs: list[Job], rows: list[list[int]], pad_id: int, settings: LoopSet
     per_epoch = steps_per_epoch(len(rows), settings.batch_size, world)
     total_steps = settings.max_steps or settings.epochs * per_epoch
 
-    forwards, optimizers, schedules = [], [], []
+    forwards, params, optimizers, schedules = [], [], [], []
     for job in jobs:
         # the DDP wrapper when distributed, the model itself (on the device) otherwise
         forwards.append(accelerator.prepare_model(job.model))
-        optimizers.append(torch.optim.AdamW(list(job.trainable().values()), lr=job.learning_rate,
-                                            weight_decay=job.weight_decay))
+        params.append(list(job.trainable().values()))
+        optimizers.append(torch.optim.AdamW(params[-1], lr=job.learning_rate, weight_decay=job.weight_decay))
         schedules.append(Schedule(job.lr_scheduler, job.learning_rate, total_steps, job.warmup_steps,
                                   job.decay_fraction))
 
@@ -206,7 +206,7 @@ def train(jobs: list[Job], rows: list[list[int]], pad_id: int, settings: LoopSet
                         f"{f' (job {job.name})' if len(jobs) > 1 else ''}; "
                         "lower training.learning_rate or use training.precision=fp32")
                 loss.backward()  # under DDP this averages the prompt's gradient over the ranks
-                grad_norm = torch.nn.utils.clip_grad_norm_(list(job.trainable().values()), job.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params[j], job.max_grad_norm)
                 lr = schedule.lr(step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
