@@ -137,7 +137,9 @@ def train(jobs: list[Job], rows: list[list[int]], pad_id: int, settings: LoopSet
     # Mixed precision is not given to the Accelerator: its state is a process-wide singleton that
     # refuses another setting later in the same process (tests, sweeps and the bench run fp32 and
     # bf16 jobs in one process), so bf16 is an explicit autocast around the forward below.
-    accelerator = Accelerator()
+    # cpu=True where there is no GPU: without it accelerate 1.15 ignores torchrun's WORLD_SIZE on a
+    # CPU and every rank trains alone as "rank 0" (measured); with it, DDP over gloo.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     bf16 = settings.precision == "bf16"
