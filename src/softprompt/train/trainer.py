@@ -153,7 +153,11 @@ def train(jobs: list[Job], rows: list[list[int]], pad_id: int, settings: LoopSet
         # the DDP wrapper when distributed, the model itself (on the device) otherwise
         forwards.append(accelerator.prepare_model(job.model))
         params.append(list(job.trainable().values()))
-        optimizers.append(torch.optim.AdamW(params[-1], lr=job.learning_rate, weight_decay=job.weight_decay))
+        # fused: the HF Trainer's default too (adamw_torch_fused); it takes the rate as a tensor, so an
+        # absurd learning rate makes inf weights and then a NaN loss that names its step, where the
+        # single-tensor Adam raises an overflow error from inside its update
+        optimizers.append(torch.optim.AdamW(params[-1], lr=job.learning_rate, weight_decay=job.weight_decay,
+                                            fused=True))
         schedules.append(Schedule(job.lr_scheduler, job.learning_rate, total_steps, job.warmup_steps,
                                   job.decay_fraction))
 
