@@ -23,6 +23,7 @@ ALLOWED = {
 }
 # the seed notebook's recipe is a plain `Trainer`: scripts/bench.py times it as the anchor
 TRAINER_ALLOWED = {"softprompt/experiments/bench.py"}
+TRAINER_NAMES = ("Trainer", "TrainerCallback", "TrainingArguments")
 
 
 def _dotted(node: ast.AST) -> str:
@@ -51,7 +52,7 @@ def _findings() -> tuple[dict[tuple[str, str], int], dict[str, list[str]], list[
                 if any(_private(part) for part in node.module.split(".")):
                     private[(rel, node.module)] = node.lineno
                 if node.module.split(".")[0] == "transformers":
-                    names = [a.name for a in node.names if a.name in ("Trainer", "TrainerCallback", "TrainingArguments")]
+                    names = [a.name for a in node.names if a.name in TRAINER_NAMES]
                     if names:
                         trainer.setdefault(rel, []).extend(names)
             elif isinstance(node, (ast.Assign, ast.AugAssign)):
