@@ -14,6 +14,10 @@ The loop trains a *set* of jobs, each a trainable prompt with its own parameters
 learning-rate schedule, gradient clipping, loss normalisation and data order; a plain run is a
 set of one. Jobs take their steps in turn (issue 14 adds packing their rows into one forward).
 
+Measured against the `Trainer` subclass this loop replaced (tiny-llama, 2 epochs, fp32, linear): the
+same batches, rates and updates, held-out perplexity equal to the last digit (1545.790685358781 in
+both), train/loss to 1e-8 (the Trainer sums the step losses in fp32, this loop in float64).
+
 `accelerate` places the model on the device and, under `torchrun`/`accelerate launch`, wraps it in
 DDP (gloo on CPU, nccl on GPUs); every rank trains its shard of each batch, rank 0 alone evaluates,
 logs and writes checkpoints.
