@@ -31,7 +31,7 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 PRECISIONS = ("auto", "fp32", "bf16")
 MODEL_SOURCES = ("pretrained", "gguf_package", "tiny")
 TINY_ARCHITECTURES = ("bloom", "llama")
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+SCHEDULERS = ("linear", "cosine", "constant", "wsd")  # softprompt.train.schedules
 
 
 @dataclass
@@ -96,7 +96,8 @@ class TrainingConfig:
     eval_batch_size: int = MISSING
     max_length: int = MISSING
     lr_scheduler: str = MISSING
-    warmup_ratio: float = MISSING
+    warmup_steps: int = MISSING  # fixed steps, not a share of the run: schedules that do not depend on its length
+    decay_fraction: float = MISSING  # wsd: the share of the steps over which the rate decays to 0
     weight_decay: float = MISSING
     max_grad_norm: float = MISSING
     logging_steps: int = MISSING
@@ -204,7 +205,8 @@ def validate(cfg: DictConfig) -> None:
     if t.max_steps is not None:
         _check(t.max_steps >= 1, f"training.max_steps must be >= 1 or null (got {t.max_steps})")
     _check(t.learning_rate > 0, f"training.learning_rate must be > 0 (got {t.learning_rate})")
-    _check(0 <= t.warmup_ratio < 1, f"training.warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
+    _check(t.warmup_steps >= 0, f"training.warmup_steps must be >= 0 (got {t.warmup_steps})")
+    _check(0 < t.decay_fraction <= 1, f"training.decay_fraction must be in (0, 1] (got {t.decay_fraction})")
     _check(t.weight_decay >= 0, f"training.weight_decay must be >= 0 (got {t.weight_decay})")
     _check(t.max_grad_norm > 0, f"training.max_grad_norm must be > 0 (got {t.max_grad_norm})")
     _check(t.precision in PRECISIONS, f"training.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
