@@ -19,6 +19,8 @@ from softprompt.core.errors import UserError
 # the Hydra config tree ships inside the package (conf/ at the top of a checkout links to it)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
+# the registry's names (softprompt.models.methods.METHODS), repeated here so the config is
+# validated before torch is imported; tests/test_methods.py checks that they agree
 PEFT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning", "lora")
 PEFT_INITS = ("random", "text", "sample_vocab")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -48,6 +50,9 @@ class ModelConfig:
     name: str = MISSING  # short label for run names and reports
     name_or_path: str = MISSING  # Hub id or local directory (or the package, for gguf_package)
     source: str = "pretrained"
+    # the Hub id these weights come from, recorded as a saved adapter's base model where
+    # name_or_path is not one (the packaged GGUF); null: name_or_path (softprompt.models.portable)
+    hub_id: Optional[str] = None
     gguf_file: Optional[str] = None
     revision: Optional[str] = None
     trust_remote_code: bool = False

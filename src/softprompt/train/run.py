@@ -33,11 +33,13 @@ from softprompt.evaluation.evaluate import (
 from softprompt.evaluation.perplexity import perplexity
 from softprompt.models.loading import count_parameters, load_model
 from softprompt.models.methods import (
+    METHODS,
     soft_prompt_embeddings,
     tuned_generation,
     virtual_tokens_in_logits,
     wrap,
 )
+from softprompt.models.portable import save_adapter
 from softprompt.track.wandb_run import Tracker, resolve_mode, run_name
 from softprompt.train import preflight, resume
 from softprompt.train.trainer import (
@@ -88,7 +90,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     if main:
         atomic.write_json(out / "config.json", config)
 
-    tracker = Tracker.start(cfg, out, config, run_name(cfg), mode=wandb_mode, run_id=start.wandb_run_id)
+    tracker = Tracker.start(cfg, out, config, run_name(cfg, METHODS[cfg.peft.method].tag(cfg.peft)), mode=wandb_mode, run_id=start.wandb_run_id)
     resume.remember_wandb_id(out, tracker.run_id)
     try:
         metrics = _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker, start)
@@ -171,13 +173,9 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
              "base": b, "tuned": t} for p, b, t in zip(prompts, base.generations, tuned.generations)]
 
     # --- save: adapter and generations first, metrics.json last (its presence = finished) ------
-    model.peft_config["default"].base_model_name_or_path = loaded.base_path
     adapter_tmp = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=out))
-    model.save_pretrained(adapter_tmp)
-    atomic.write_json(adapter_tmp / "softprompt.json", {
-        "base_model": loaded.base_path, "tokenizer": loaded.tokenizer_path, "model": resolved(cfg.model),
-        "peft": resolved(cfg.peft), "eval": resolved(cfg.eval), "metrics": metrics,
-    })
+    # the base is named portably in adapter_config.json; this machine's copy in softprompt.json
+    save_adapter(model, adapter_tmp, cfg, loaded.base_path, loaded.tokenizer_path, metrics)
     _replace_dir(adapter_tmp, out / "adapter")
     atomic.write_jsonl(out / "generations.jsonl", rows)
     atomic.write_jsonl(out / "history.jsonl", history)
