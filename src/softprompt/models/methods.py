@@ -181,7 +181,7 @@ def by_peft_type(peft_type: str, where: str = "this adapter") -> Method:
     method = METHODS_BY_TYPE.get(str(peft_type))
     if method is None:
         raise UserError(f"{where} uses PEFT method {peft_type or '(none)'}, which softprompt does not train or "
-                        f"serve (supported: {', '.join(sorted(METHODS_BY_TYPE))})")
+                        f"serve (supported: {', '.join(METHODS_BY_TYPE)})")
     return method
 
 

@@ -56,6 +56,9 @@ def save_adapter(peft_model, directory: Path, cfg: DictConfig, local_base: str, 
     base_id = portable_id(cfg.model)
     for config in peft_model.peft_config.values():
         config.base_model_name_or_path = base_id
+        if getattr(config, "tokenizer_name_or_path", None):
+            # prompt tuning's init=text tokenizer (used only to initialise): the same base, named portably
+            config.tokenizer_name_or_path = base_id
     # save_embedding_layers=False: no method here resizes or trains the embedding matrix, and
     # PEFT's "auto" would look the base id up on the Hub to compare vocabulary sizes
     peft_model.save_pretrained(directory, save_embedding_layers=False)
