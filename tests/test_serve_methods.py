@@ -138,7 +138,8 @@ def test_generate_script_serves_every_method(method, method_runs):
     lines = result.stdout.splitlines()
     peft_type = {"prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING", "prefix_tuning": "PREFIX_TUNING",
                  "lora": "LORA"}[method]
-    assert lines[0].startswith(f"adapter {run_dir / 'adapter'} ({peft_type}) on base softprompt/tiny-llama (loaded from ")
+    assert lines[0].startswith(f"adapter {run_dir / 'adapter'} ({peft_type}) "
+                               "on base softprompt/tiny-llama (loaded from ")
     assert lines[1] == "greedy, max_new_tokens 8, repetition_penalty 1.5"
     assert f"[1/1] {row['prompt']}" in lines
     header = next(line for line in lines if "- base -" in line)

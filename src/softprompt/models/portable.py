@@ -105,7 +105,8 @@ def model_card(cfg: DictConfig, metrics: dict[str, Any]) -> str:
     if cfg.model.source == "tiny":
         lines += [f"Note: `{base_id}` is a randomly initialised model that softprompt rebuilds from the config in "
                   f"`{RECORD_FILE}`; it is not on the Hub.", ""]
-    lines += ["## Use", "", "```", "python scripts/generate.py ADAPTER_DIR \"your prompt\"   # base and tuned, side by side",
+    lines += ["## Use", "", "```",
+              "python scripts/generate.py ADAPTER_DIR \"your prompt\"   # base and tuned, side by side",
               "python scripts/demo.py ADAPTER_DIR", "```", ""]
     if method.soft_prompt:
         lines += ["With `PeftModel.generate`, prefer `use_cache=False` for prompt tuning: on peft 0.21 with "

@@ -90,7 +90,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     if main:
         atomic.write_json(out / "config.json", config)
 
-    tracker = Tracker.start(cfg, out, config, run_name(cfg, METHODS[cfg.peft.method].tag(cfg.peft)), mode=wandb_mode, run_id=start.wandb_run_id)
+    name = run_name(cfg, METHODS[cfg.peft.method].tag(cfg.peft))
+    tracker = Tracker.start(cfg, out, config, name, mode=wandb_mode, run_id=start.wandb_run_id)
     resume.remember_wandb_id(out, tracker.run_id)
     try:
         metrics = _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker, start)
