@@ -284,3 +284,25 @@ def test_smollm2_adapter_names_the_hub_model_and_the_q4_weights(tmp_path):
     assert info.base_model_config() == {"source": "pretrained", "name_or_path": str(converted), "revision": None,
                                         "trust_remote_code": False, "attn_implementation": None}
     assert info.base_model_config("some/other-model")["name_or_path"] == "some/other-model"
+
+
+@pytest.mark.slow
+def test_smollm2_run_names_the_hub_model_and_generate_reproduces_it(tmp_path):
+    """A 2-step SmolLM2 run (the packaged GGUF, converted into this test's cache): its adapter names
+    the Hub model, and scripts/generate.py, offline, gives the run's own generations from it."""
+    from softprompt.train.run import run
+
+    run_dir = tmp_path / "smollm2"
+    run(compose(["model=smollm2-135m", "dataset=prompts_sample", "dataset.max_samples=24", "training.max_steps=2",
+                 "training.batch_size=4", "training.max_length=32", "training.learning_rate=0.03",
+                 "eval.max_new_tokens=8", "eval.num_heldout_generations=1", "eval.per_epoch=false",
+                 "eval.train_perplexity_rows=0", "wandb.mode=offline"]), run_dir=run_dir)
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == config["tokenizer_name_or_path"] \
+        == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "dequantised from Q4_1 to fp32" in (run_dir / "adapter" / "README.md").read_text()
+    rows = _generations(run_dir)
+    result = run_cli([str(run_dir), *[r["prompt"] for r in rows], "--json"], script="scripts/generate.py")
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = [json.loads(line) for line in result.stdout.splitlines()]
+    assert got == [{"prompt": r["prompt"], "base": r["base"], "tuned": r["tuned"]} for r in rows]
