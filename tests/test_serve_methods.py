@@ -206,6 +206,40 @@ def test_lora_base_column_is_the_true_base(method_runs):
     assert [g["base"] for g in got] == [r["base"] for r in _generations(method_runs["prompt_tuning"])]
 
 
+@pytest.mark.parametrize("method", ["p_tuning", "prefix_tuning", "lora"])
+def test_two_adapters_of_a_method_share_one_base(method, method_runs, tmp_path):
+    """The multi-adapter pool for every method: the run's adapter and a second one on one base,
+    switched by name; each gives what it gives alone, and the base column stays the base's."""
+    from softprompt.models.generation import GenerationSettings
+    from softprompt.models.loading import load_model
+    from softprompt.models.methods import method_of
+    from softprompt.serve.multi_adapter import load_adapters
+
+    _, _, other = _tiny(method)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in other.parameters():
+            if p.requires_grad:
+                p.normal_(0, 1.0)
+    other.save_pretrained(tmp_path / "other" / "adapter")
+    rows = _generations(method_runs[method])
+    prompts = [r["prompt"] for r in rows]
+    loaded = load_model(compose(TINY).model)
+    adapters = load_adapters(loaded.model, {"run": method_runs[method], "other": tmp_path / "other"})
+    assert [a.method for a in adapters.values()] == [method, method]
+    settings = GenerationSettings(max_new_tokens=8)
+    tok = loaded.tokenizer
+    other_alone = _tiny(method)[2]
+    other_alone.load_adapter(str(tmp_path / "other" / "adapter"), adapter_name="other")
+    other_alone.set_adapter("other")
+    for _ in range(2):  # switching back and forth changes nothing
+        assert adapters["run"].generate(tok, prompts, settings) == [r["tuned"] for r in rows]
+        assert adapters["other"].generate(tok, prompts, settings) \
+            == method_of(other_alone.eval()).generator(other_alone)(tok, prompts, settings)
+    assert adapters["other"].generate(tok, prompts, settings) != [r["tuned"] for r in rows]
+    assert adapters["other"].generate_base(tok, prompts, settings) == [r["base"] for r in rows]
+
+
 # --- portable adapters -------------------------------------------------------------------------
 
 
