@@ -25,6 +25,8 @@ from softprompt.core.errors import UserError
 # Hydra's config_path needs a directory on disk, which a regular (non-zip) install is
 CONF_DIR = Path(str(resources.files("softprompt") / "conf"))
 
+# the registry's names (softprompt.models.methods.METHODS), repeated here so the config is
+# validated before torch is imported; tests/test_methods.py checks that they agree
 PEFT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning", "lora")
 PEFT_INITS = ("random", "text", "sample_vocab")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -49,6 +51,9 @@ class ModelConfig:
     name: str = MISSING  # short label for run names and reports
     name_or_path: str = MISSING  # Hub id or local directory (or the package, for gguf_package)
     source: str = MISSING
+    # the Hub id these weights come from, recorded as a saved adapter's base model where
+    # name_or_path is not one (the packaged GGUF); null: name_or_path (softprompt.models.portable)
+    hub_id: Optional[str] = MISSING
     gguf_file: Optional[str] = MISSING
     revision: Optional[str] = MISSING
     trust_remote_code: bool = MISSING

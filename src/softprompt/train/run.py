@@ -32,11 +32,13 @@ from softprompt.evaluation.evaluate import (
 from softprompt.models.flops import training_flops
 from softprompt.models.loading import count_parameters, load_model
 from softprompt.models.methods import (
+    METHODS,
     soft_prompt_embeddings,
     tuned_generation,
     virtual_tokens_in_logits,
     wrap,
 )
+from softprompt.models.portable import adapter_record, save_adapter
 from softprompt.track.wandb_run import Tracker, resolve_mode, run_name
 from softprompt.train import preflight, resume
 from softprompt.train.precision import resolve_precision
@@ -91,7 +93,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     if main:
         RunDir(out).write_config(config)
 
-    tracker = Tracker.start(cfg, out, config, run_name(cfg), mode=wandb_mode, run_id=start.wandb_run_id)
+    name = run_name(cfg, METHODS[cfg.peft.method].tag(cfg.peft))
+    tracker = Tracker.start(cfg, out, config, name, mode=wandb_mode, run_id=start.wandb_run_id)
     resume.remember_wandb_id(out, tracker.run_id)
     try:
         metrics = _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker, start,
@@ -174,11 +177,9 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
 
     # --- save: adapter and generations first, metrics.json last (its presence = finished) ------
     rundir = RunDir(out)
-    model.peft_config["default"].base_model_name_or_path = loaded.base_path
-    rundir.write_adapter(model.save_pretrained, {
-        "base_model": loaded.base_path, "tokenizer": loaded.tokenizer_path, "model": resolved(cfg.model),
-        "peft": resolved(cfg.peft), "eval": resolved(cfg.eval), "metrics": metrics,
-    })
+    # the base is named portably in adapter_config.json; this machine's copy in the adapter record
+    rundir.write_adapter(lambda folder: save_adapter(model, folder, cfg, metrics),
+                         adapter_record(cfg, loaded.base_path, loaded.tokenizer_path, metrics))
     rundir.write_generations(rows)
     rundir.write_history(job.history)
     if initial_prompt is not None:  # prompt tuning, p-tuning: what the learned prompt is close to
