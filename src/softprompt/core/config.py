@@ -127,10 +127,11 @@ class EvalConfig:
 @dataclass
 class WandbConfig:
     mode: str = "auto"
-    project: str = "softprompt"
-    entity: Optional[str] = None
+    project: Optional[str] = None  # null: WANDB_PROJECT, else "softprompt" (track.wandb_run.placement)
+    entity: Optional[str] = None  # null: WANDB_ENTITY, else the login's default
     group: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
+    tags: Optional[list[str]] = None  # null: WANDB_TAGS (comma-separated), else none
+    dir: Optional[str] = None  # null: WANDB_DIR, else the run directory
     name: Optional[str] = None  # null: made from the run's overrides, e.g. vt8-ep6
     log_model: bool = True
 
