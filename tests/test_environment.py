@@ -225,3 +225,36 @@ def test_multirun_over_methods_warns_once_per_job(tmp_path):
     assert warnings == ["warning: peft.num_virtual_tokens=8 is not used by this job: LoRA has no virtual tokens "
                         "(peft=lora model=tiny-llama)"]
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+# --- HF_HOME, HF_HUB_OFFLINE, XDG_CACHE_HOME: where the HF libraries look, we look --------------
+
+
+def test_xdg_cache_home_places_the_softprompt_cache(monkeypatch, tmp_path):
+    from softprompt.core.paths import cache_root
+
+    monkeypatch.delenv("SOFTPROMPT_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_root() == tmp_path / "softprompt"
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "own"))
+    assert cache_root() == tmp_path / "own"
+
+
+def test_hf_home_and_hf_hub_offline_decide_what_counts_as_cached(tmp_path):
+    """With HF_HUB_OFFLINE=1 a Hub model passes the start-up check only if it is in the cache that
+    huggingface_hub itself uses: $HF_HOME/hub (a fresh process: the libraries read HF_HOME once)."""
+    snapshot = tmp_path / "hf" / "hub" / "models--someone--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    probe = ("import sys; from omegaconf import OmegaConf; from softprompt.core.errors import UserError; "
+             "from softprompt.train.preflight import check_model\n"
+             "try: check_model(OmegaConf.create(dict(source='pretrained', name_or_path=sys.argv[1], revision=None)))\n"
+             "except UserError as e: print(e)\nelse: print('ok')")
+    env = child_env({"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    env.pop("HF_HUB_CACHE", None)
+    for repo, expected in (("someone/tiny", "ok"), ("someone/other", "the Hugging Face Hub is unreachable and "
+                                                                   "model 'someone/other' is not in the local cache")):
+        out = subprocess.run([sys.executable, "-c", probe, repo], env=env, capture_output=True, text=True, timeout=60)
+        assert out.stdout.startswith(expected), out.stdout + out.stderr
