@@ -220,7 +220,8 @@ def check_overrides(cfg: DictConfig, overrides: list[str] | None = None, multiru
         mark = (*overrides, override)
         if mark not in _warned:  # check() runs twice per job (CLI, then run())
             _warned.add(mark)
-            print(f"warning: {override} is not used by this job: {why} ({_group_choices(overrides)})",
+            choices = _group_choices(overrides)
+            print(f"warning: {override} is not used by this job: {why}{f' ({choices})' if choices else ''}",
                   file=sys.stderr, flush=True)
 
 
