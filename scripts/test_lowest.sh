@@ -12,7 +12,7 @@ python3 -m venv "$LOW"
 # uv does not look; the override below makes uv keep exactly that build instead of resolving torch
 # again (a PyPI torch is the multi-GB CUDA one).
 "$LOW/bin/python" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-"$LOW/bin/python" -c 'import torch; print("torch==" + torch.__version__)' > "$LOW/torch-override.txt"
+"$LOW/bin/python" -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' > "$LOW/torch-override.txt"
 "$LOW/bin/python" -m uv pip install --quiet --python "$LOW/bin/python" --resolution lowest-direct \
     --override "$LOW/torch-override.txt" -e ".[dev]"
 "$LOW/bin/python" -m uv pip check --python "$LOW/bin/python"
