@@ -28,7 +28,6 @@ OFFLINE_ENV = {
     "HF_DATASETS_CACHE": str(_TMP / "hf" / "datasets"),
     "XDG_CACHE_HOME": str(_TMP / "xdg"),
     "SOFTPROMPT_CACHE": str(_TMP / "softprompt-cache"),
-    "WANDB_DIR": str(_TMP / "wandb"),
     "WANDB_CACHE_DIR": str(_TMP / "wandb-cache"),
     "WANDB_CONFIG_DIR": str(_TMP / "wandb-config"),
     "WANDB_DATA_DIR": str(_TMP / "wandb-data"),
@@ -37,7 +36,8 @@ OFFLINE_ENV = {
     "CUDA_VISIBLE_DEVICES": "",
 }
 os.environ.update(OFFLINE_ENV)
-for var in ("WANDB_API_KEY", "HF_TOKEN"):
+# WANDB_DIR/PROJECT/ENTITY/TAGS would move or rename the test runs (softprompt honours them)
+for var in ("WANDB_API_KEY", "HF_TOKEN", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_TAGS"):
     os.environ.pop(var, None)
 
 # A tiny, fast job: 2-layer Llama with a 512-token BPE vocabulary, 4 optimizer steps.

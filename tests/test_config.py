@@ -28,7 +28,7 @@ def test_defaults_are_the_seed_experiment():
     assert cfg.training.epochs == 6 and cfg.training.max_steps is None and cfg.training.resume is False
     assert cfg.eval.max_new_tokens == 100 and cfg.eval.repetition_penalty == 1.5
     assert "I want you to act as a motivational coach." in cfg.eval.prompts
-    assert cfg.wandb.mode == "auto" and cfg.wandb.project == "softprompt"
+    assert cfg.wandb.mode == "auto" and cfg.wandb.project is None  # null: WANDB_PROJECT, else softprompt
     assert cfg.model.trust_remote_code is False
     assert cfg.seed == 42
 

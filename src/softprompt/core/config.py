@@ -136,10 +136,11 @@ class EvalConfig:
 @dataclass
 class WandbConfig:
     mode: str = MISSING
-    project: str = MISSING
-    entity: Optional[str] = MISSING
+    project: Optional[str] = MISSING  # null: WANDB_PROJECT, else "softprompt" (track.wandb_run.placement)
+    entity: Optional[str] = MISSING  # null: WANDB_ENTITY, else the login's default
     group: Optional[str] = MISSING
-    tags: list[str] = MISSING
+    tags: Optional[list[str]] = MISSING  # null: WANDB_TAGS (comma-separated), else none
+    dir: Optional[str] = MISSING  # null: WANDB_DIR, else the run directory
     name: Optional[str] = MISSING  # null: made from the run's overrides, e.g. vt8-ep6
     log_model: bool = MISSING
 

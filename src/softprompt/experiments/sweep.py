@@ -77,8 +77,22 @@ def load_sweep(path: str | Path) -> Sweep:
     return parse_sweep(raw, name=raw.get("name") or path.stem, path=path)
 
 
+def _sweeps():
+    """The `sweeps` package. Its last release that runs beside numpy 2 (0.2.0; 0.3.0 needs numpy<2)
+    still declares pydantic-v1-style models, and pydantic 2 warns about them once, at import;
+    those two notices (about the package's own source, nothing a user can act on) are silenced
+    here and only here, by their text."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Support for class-based `config` is deprecated")
+        warnings.filterwarnings("ignore", message=r"Valid config keys have changed in V2")
+        import sweeps
+    return sweeps
+
+
 def parse_sweep(raw: dict[str, Any], name: str, path: Path | None = None) -> Sweep:
-    from sweeps import schema_violations_from_proposed_config
+    schema_violations_from_proposed_config = _sweeps().schema_violations_from_proposed_config
 
     where = f"sweep file {path}" if path else "sweep config"
     config = {k: v for k, v in raw.items() if k not in SERVER_KEYS}
@@ -176,8 +190,7 @@ def check_parameters(sweep: Sweep, extra: list[str]) -> None:
 
 
 def _sweep_run(job: Job):
-    from sweeps import RunState, SweepRun
-
+    RunState, SweepRun = _sweeps().RunState, _sweeps().SweepRun
     state = {"finished": RunState.finished, "failed": RunState.failed}.get(job.state, RunState.running)
     return SweepRun(name=str(job.index), state=state, config={k: {"value": v} for k, v in job.values.items()},
                     summaryMetrics=job.metrics, sampledHistory=job.history)
@@ -185,9 +198,7 @@ def _sweep_run(job: Job):
 
 def propose(sweep: Sweep, done: list[Job]) -> dict[str, Any] | None:
     """The next parameter values, or None when a grid is exhausted."""
-    import sweeps
-
-    suggestion = sweeps.next_run(sweep.config, [_sweep_run(j) for j in done])
+    suggestion = _sweeps().next_run(sweep.config, [_sweep_run(j) for j in done])
     if suggestion is None:
         return None
     return {key: _plain(suggestion.config[key]["value"]) for key in sweep.parameters}

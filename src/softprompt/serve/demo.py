@@ -5,7 +5,8 @@ a dropdown. Adapters on the same base model (and PEFT method) load together onto
 so the dropdown switches between them without loading anything; other bases load on first use
 and the two most recent stay in memory. The generate
 button is also an API endpoint (`api_name="generate"`) for `gradio_client`.
-Serves on 127.0.0.1 by default; `--host 0.0.0.0` exposes it to the network.
+Serves on 127.0.0.1:7860 by default; `--host 0.0.0.0` exposes it to the network. Like every Gradio
+app it honours GRADIO_SERVER_NAME / GRADIO_SERVER_PORT; `--host` / `--port` win over them.
 """
 
 from __future__ import annotations
@@ -171,10 +172,22 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/demo.py", description=__doc__.splitlines()[0])
     p.add_argument("path", help="a run directory, its adapter/ folder, or a directory of runs")
     p.add_argument("--base", help="base model for every adapter instead of the recorded one")
-    p.add_argument("--host", default="127.0.0.1", help="interface to serve on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", help="interface to serve on (0.0.0.0: every interface); "
+                                   "default: GRADIO_SERVER_NAME, else 127.0.0.1")
+    p.add_argument("--port", type=int, help="default: GRADIO_SERVER_PORT, else 7860")
     p.add_argument("--prompt", help="pre-fill this prompt and open the page with its answers")
     return p
+
+
+def server_address(host: str | None, port: int | None) -> tuple[str, int]:
+    """The command line, else the variables Gradio users set, else Gradio's own defaults."""
+    host = host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+    if port is None:
+        raw = os.environ.get("GRADIO_SERVER_PORT") or "7860"
+        if not raw.isdigit() or not 0 < int(raw) < 65536:
+            raise UserError(f"GRADIO_SERVER_PORT={raw!r} is not a port number; set it to e.g. 7860 or pass --port")
+        port = int(raw)
+    return host, port
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     # no phoning home from a research box: no analytics, no update check
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
+        host, port = server_address(args.host, args.port)
         adapters = discover(args.path)  # before gradio and torch load: a wrong path fails at once
         demo = build(adapters, base=args.base, prompt=args.prompt, prerun=bool(args.prompt))
     except UserError as exc:
         report_and_exit(str(exc))
-    print(f"serving {len(adapters)} adapter(s) from {args.path} on http://{args.host}:{args.port}", flush=True)
-    demo.launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
+    print(f"serving {len(adapters)} adapter(s) from {args.path} on http://{host}:{port}", flush=True)
+    demo.launch(server_name=host, server_port=port, share=False, show_error=True)
     return 0

@@ -258,7 +258,9 @@ def _apply(target: dict[str, Any], updates, removes) -> None:
 
 
 def _history_value(item) -> Any:
-    which = item.WhichOneof("value")
+    # wandb ships stubs per protobuf major version; those for protobuf < 7 (wandb 0.19-0.31 with
+    # protobuf 6, measured) have only value_json, without the typed `value` oneof
+    which = item.WhichOneof("value") if "value" in item.DESCRIPTOR.oneofs_by_name else None
     if which is None:
         return json.loads(item.value_json) if item.value_json else None
     if which == "none":

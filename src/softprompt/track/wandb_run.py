@@ -27,6 +27,7 @@ from softprompt.core.errors import UserError
 from softprompt.core.grid import point_id
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
+DEFAULT_PROJECT = "softprompt"
 
 
 # --- mode ----------------------------------------------------------------------------------------
@@ -93,6 +94,29 @@ def resolve_mode(requested: str) -> str:
     print(f"wandb: logging offline ({why}); upload later with `wandb sync <run dir>/wandb/offline-run-*`",
           flush=True)
     return "offline"
+
+
+# --- placement -----------------------------------------------------------------------------------
+
+
+def placement(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Where the run goes: a key set in the config (the command line) > the variable W&B users
+    already export (WANDB_PROJECT, WANDB_ENTITY, WANDB_TAGS, WANDB_DIR) > our default.
+
+    The YAML leaves these keys null so that an exported variable is not overridden by a default
+    nobody chose; wandb.init would read the variables itself, but resolving here lets the run
+    print and record the project it really went to.
+    """
+    w = cfg.wandb
+    tags = list(w.tags) if w.tags is not None else [
+        t.strip() for t in os.environ.get("WANDB_TAGS", "").split(",") if t.strip()]
+    return {
+        "project": w.project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+        "entity": w.entity or os.environ.get("WANDB_ENTITY") or None,
+        "tags": tags,
+        # W&B writes `<dir>/wandb/`; by default that is inside the run directory, beside metrics.json
+        "dir": str(Path(w.get("dir") or os.environ.get("WANDB_DIR") or run_dir).expanduser()),
+    }
 
 
 # --- naming --------------------------------------------------------------------------------------
@@ -216,15 +240,17 @@ class Tracker:
 
         wandb_config = config_for_wandb(cfg, config, sweep_params())
         os.environ.setdefault("WANDB_SILENT", "true")
+        where = placement(cfg, run_dir)
+        Path(where["dir"]).mkdir(parents=True, exist_ok=True)
         run = wandb.init(
-            project=cfg.wandb.project,
-            entity=cfg.wandb.entity,
+            project=where["project"],
+            entity=where["entity"],
             group=cfg.wandb.group,
             # the runs of one grid point (equal but for the seed) share it: W&B groups their seeds
             job_type=f"point-{point_id(config)}",
-            tags=list(cfg.wandb.tags or []),
+            tags=where["tags"],
             name=name,
-            dir=str(run_dir),
+            dir=where["dir"],
             config=wandb_config,
             mode=mode,
             id=run_id,
@@ -237,7 +263,7 @@ class Tracker:
         except BaseException:
             run.finish(exit_code=1)  # never leave a started run open
             raise
-        print(f"wandb: run {run.id} ({name}, {mode}) in {Path(run.dir).parent}", flush=True)
+        print(f"wandb: run {run.id} ({name}, {mode}, project {run.project}) in {Path(run.dir).parent}", flush=True)
         return cls(run, log_model=bool(cfg.wandb.log_model))
 
     @property

@@ -14,13 +14,16 @@ import csv
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
 from softprompt.core import cache, hub
 from softprompt.core.config import validate
 from softprompt.core.errors import UserError
+from softprompt.core.quiet import quiet_third_party
 from softprompt.data.bundled import bundled_path
 
 FORMATS = (".csv", ".json", ".jsonl", ".parquet")
@@ -29,7 +32,9 @@ OFFLINE_DATA = "dataset=prompts_sample or dataset=quotes_sample (bundled), or da
 
 
 def check(cfg: DictConfig) -> None:
+    quiet_third_party()  # every job starts here (CLI, run(), sweeps): no third-party chatter
     validate(cfg)
+    check_overrides(cfg)
     check_dataset(cfg.dataset)
     check_model(cfg.model)
     if cfg.wandb.mode == "online":  # auto never fails; online without a usable service does
@@ -134,3 +139,104 @@ def _hub_model_cached(repo_id: str, revision: str | None) -> bool:
     except Exception:  # noqa: BLE001 - a malformed id is not cached; the loader names the problem
         return False
     return isinstance(found, str)
+
+
+# --- settings the composed config does not use ----------------------------------------------------
+
+# key (or key prefix) -> why this config ignores it, or None where it is used. A key given on the
+# command line that the chosen presets ignore would otherwise vanish without a trace.
+_PROMPT_EMBEDDINGS = ("prompt_tuning", "p_tuning")  # the methods whose prompt is input embeddings
+UNUSED_WHEN: dict[str, Any] = {
+    "peft.num_virtual_tokens": lambda c: "LoRA has no virtual tokens" if c.peft.method == "lora" else None,
+    "peft.init": lambda c: None if c.peft.method == "prompt_tuning" else "only prompt tuning has an init",
+    "peft.init_text": lambda c: _init_text_unused(c),
+    "peft.encoder_hidden_size": lambda c: None if c.peft.method == "p_tuning" else "only p_tuning has a prompt encoder",
+    "peft.lora_": lambda c: None if c.peft.method == "lora" else "only peft=lora reads the lora_* keys",
+    "training.fast_loss": lambda c: (None if c.peft.method in _PROMPT_EMBEDDINGS
+                                     else "the fast loss applies to prompt tuning and p-tuning only"),
+    "eval.nearest_tokens": lambda c: (None if c.peft.method in _PROMPT_EMBEDDINGS
+                                      else "only a prompt made of input embeddings has nearest tokens"),
+    "training.warmup_": lambda c: (f"training.lr_scheduler={c.training.lr_scheduler} has no warmup"
+                                   if c.training.lr_scheduler == "constant" else None),
+    "training.decay_fraction": lambda c: (None if c.training.lr_scheduler == "wsd"
+                                          else "only training.lr_scheduler=wsd has a decay phase"),
+    "model.tiny.": lambda c: None if c.model.source == "tiny" else "only the tiny models (model.source=tiny) read it",
+    "model.gguf_file": lambda c: None if c.model.source == "gguf_package" else "only model.source=gguf_package reads it",
+    "dataset.hub_id": lambda c: _data_source_ignores_hub(c),
+    "dataset.hub_split": lambda c: _data_source_ignores_hub(c),
+}
+
+
+def _init_text_unused(c: DictConfig) -> str | None:
+    if c.peft.method != "prompt_tuning":
+        return "only prompt tuning has an init text"
+    return None if c.peft.init == "text" else f"it is read only with peft.init=text, not peft.init={c.peft.init}"
+
+
+def _data_source_ignores_hub(c: DictConfig) -> str | None:
+    if c.dataset.path:
+        return f"dataset.path={c.dataset.path} is read instead of the Hub"
+    if c.dataset.bundled:
+        return f"the bundled sample {c.dataset.bundled} is read instead of the Hub"
+    return None
+
+
+def _group_choices(overrides: list[str]) -> str:
+    """`peft=lora`-style choices from the overrides, to name the preset in a message."""
+    return " ".join(o for o in overrides if "=" in o and "." not in o.split("=", 1)[0])
+
+
+def unused_overrides(cfg: DictConfig, overrides: list[str]) -> list[tuple[str, str]]:
+    """(override, why) for every command-line setting that this composed config does not read."""
+    found = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        for prefix, rule in UNUSED_WHEN.items():
+            if key == prefix or (prefix.endswith((".", "_")) and key.startswith(prefix)):
+                why = rule(cfg)
+                if why:
+                    found.append((override, why))
+                break
+    return found
+
+
+_warned: set[tuple[str, ...]] = set()
+
+
+def check_overrides(cfg: DictConfig, overrides: list[str] | None = None, multirun: bool | None = None) -> None:
+    """A single run: an unused command-line setting contradicts the chosen presets (UserError).
+    A multirun (`-m peft=prompt_tuning,lora peft.num_virtual_tokens=8`) legitimately shares keys
+    that some of its jobs ignore: one warning line per such job and key instead."""
+    if overrides is None or multirun is None:
+        hydra_overrides, hydra_multirun = _hydra_job()
+        overrides = hydra_overrides if overrides is None else overrides
+        multirun = hydra_multirun if multirun is None else multirun
+    found = unused_overrides(cfg, overrides)
+    if not found:
+        return
+    if not multirun:
+        override, why = found[0]
+        choices = _group_choices(overrides)
+        raise UserError(f"{override} is not used by this run: {why}{f' ({choices})' if choices else ''}; "
+                        "remove it or choose the preset that reads it")
+    for override, why in found:
+        mark = (*overrides, override)
+        if mark not in _warned:  # check() runs twice per job (CLI, then run())
+            _warned.add(mark)
+            choices = _group_choices(overrides)
+            print(f"warning: {override} is not used by this job: {why}{f' ({choices})' if choices else ''}",
+                  file=sys.stderr, flush=True)
+
+
+def _hydra_job() -> tuple[list[str], bool]:
+    """The current Hydra job's command-line overrides and whether it is part of a multirun
+    (`[]`, False when `run()` is called directly: its caller passed the config it means)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:
+        return [], False
+    if not HydraConfig.initialized():
+        return [], False
+    hc = HydraConfig.get()
+    return list(hc.overrides.task), hc.mode == RunMode.MULTIRUN
