@@ -124,17 +124,35 @@ def test_another_base_model_is_refused_before_loading(tiny_run):
 @pytest.mark.parametrize("overrides, message", [
     (["model.tiny.hidden_size=32"], "has hidden size 64, this run's softprompt/tiny-llama has 32"),
     (["model.tiny.num_layers=3"], "other model.tiny settings (num_layers: 2 there, 3 here)"),
-    (["peft=p_tuning"], "peft.init_from applies to peft.method=prompt_tuning with peft.init=from_run"),
 ])
-def test_other_shapes_and_methods_are_refused(tiny_run, overrides, message):
+def test_other_shapes_are_refused(tiny_run, overrides, message):
     from softprompt.train import preflight
 
     run_dir, _ = tiny_run
-    cfg = compose(TINY + ["peft.init=from_run", f"peft.init_from={run_dir}", *overrides]
-                  if overrides != ["peft=p_tuning"] else TINY + overrides + [f"peft.init_from={run_dir}"])
     with pytest.raises(UserError) as exc:
-        preflight.check(cfg)
+        preflight.check(compose(TINY + ["peft.init=from_run", f"peft.init_from={run_dir}", *overrides]))
     assert message in str(exc.value)
+
+
+@pytest.mark.parametrize("overrides", [["peft=p_tuning"], ["peft=p_tuning", "peft.init=from_run"],
+                                       ["peft=prefix_tuning"]])
+def test_other_methods_are_refused(tiny_run, overrides):
+    from softprompt.train import preflight
+
+    run_dir, _ = tiny_run
+    with pytest.raises(UserError) as exc:
+        preflight.check(compose(TINY + overrides + [f"peft.init_from={run_dir}"]))
+    method = overrides[0].split("=")[1]
+    assert str(exc.value) == (f"peft.init=from_run / peft.init_from apply to peft.method=prompt_tuning only (got "
+                              f"peft.method={method}): only its prompt is a sequence of input embeddings to start from")
+
+
+def test_init_from_is_read_only_for_init_from_run(tiny_run):
+    """A transfer sweep gives peft.init_from to its init=text jobs too: they start from the text."""
+    run_dir, _ = tiny_run
+    _, with_path = _wrapped(f"peft.init_from={run_dir}")  # init=text, the default
+    _, without = _wrapped()
+    assert torch.equal(_prompt(with_path), _prompt(without))
 
 
 def test_bad_sources_are_refused(tiny_run, tmp_path):
@@ -158,3 +176,35 @@ def test_bad_sources_are_refused(tiny_run, tmp_path):
     assert error("peft.init=from_run", f"peft.init_from={lora}") == (
         f"peft.init_from={lora} is a LORA adapter; peft.init=from_run starts from a prompt-tuning "
         "(PROMPT_TUNING) run's soft prompt only")
+
+
+def test_transfer_sweep_runs_both_inits_over_three_seeds(tiny_run, tmp_path):
+    """sweeps/transfer.yaml through scripts/sweep.py's engine on the tiny model: seeds are an axis,
+    2 points x 3 seeds, each point's seeds one W&B job_type, every job one W&B group."""
+    from conftest import ROOT
+
+    from softprompt.experiments.report import build_report
+    from softprompt.experiments.sweep import load_sweep, run_sweep
+    from softprompt.track.records import read_run
+
+    source_dir, _ = tiny_run
+    sweep_dir, jobs = run_sweep(load_sweep(ROOT / "sweeps" / "transfer.yaml"), [
+        "model=tiny-llama", "peft.num_virtual_tokens=4", f"peft.init_from={source_dir}", "dataset.max_samples=10",
+        "training.max_steps=1", "eval.max_new_tokens=4", "eval.num_heldout_generations=0", "eval.per_epoch=false",
+        "training.save_every_epoch=false"], root=tmp_path, log=lambda _: None)
+    assert [j.state for j in jobs] == ["finished"] * 6, [j.error for j in jobs]
+    configs = [json.loads(RunDir(j.run_dir).config.read_text()) for j in jobs]
+    assert sorted((c["peft"]["init"], c["seed"]) for c in configs) == \
+        [(init, seed) for init in ("from_run", "text") for seed in (1, 2, 3)]
+    assert [c["dataset"]["name"] for c in configs] == ["quotes_sample"] * 6
+    for c in configs:  # only the from_run jobs record a source
+        assert ("prompt_source" in c) == (c["peft"]["init"] == "from_run")
+
+    report = build_report([sweep_dir])
+    assert sorted(len(p.runs) for p in report.points) == [3, 3]
+    wandb_runs = {c["seed"] * 10 + (c["peft"]["init"] == "text"): read_run(RunDir(j.run_dir).wandb)
+                  for c, j in zip(configs, jobs)}
+    assert len({r.group for r in wandb_runs.values()}) == 1 and next(iter(wandb_runs.values())).group
+    for text in (0, 1):  # one job_type per point, shared by its seeds
+        assert len({wandb_runs[seed * 10 + text].job_type for seed in (1, 2, 3)}) == 1
+    assert wandb_runs[10].job_type != wandb_runs[11].job_type

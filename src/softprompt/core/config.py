@@ -202,12 +202,13 @@ def validate(cfg: DictConfig) -> None:
         if p.init == "from_run":
             _check(bool(p.init_from), "peft.init=from_run needs peft.init_from=RUN_DIR (a finished run or its "
                                       "adapter/ folder)")
-    if p.init_from:
+    if p.init_from or p.init == "from_run":
         # p-tuning's prompt comes out of an MLP encoder and prefix tuning's sits in every layer's
-        # cache: neither has a (tokens x hidden) input prompt to start from
-        _check(p.method == "prompt_tuning" and p.init == "from_run",
-               f"peft.init_from applies to peft.method=prompt_tuning with peft.init=from_run (got "
-               f"peft.method={p.method}, peft.init={p.init}); drop peft.init_from or set peft.init=from_run")
+        # cache: neither has a (tokens x hidden) input prompt to start from. With prompt tuning,
+        # init_from is read only for init=from_run, so one sweep can compare it with init=text
+        _check(p.method == "prompt_tuning",
+               f"peft.init=from_run / peft.init_from apply to peft.method=prompt_tuning only (got "
+               f"peft.method={p.method}): only its prompt is a sequence of input embeddings to start from")
     if p.method == "p_tuning":
         _check(p.encoder_hidden_size is not None and p.encoder_hidden_size >= 1,
                f"peft.encoder_hidden_size must be >= 1 (got {p.encoder_hidden_size})")
