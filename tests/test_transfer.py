@@ -202,6 +202,8 @@ def test_transfer_sweep_runs_both_inits_over_three_seeds(tiny_run, tmp_path):
 
     report = build_report([sweep_dir])
     assert sorted(len(p.runs) for p in report.points) == [3, 3]
+    # the axes are the init and the seed; the source's description is no column of its own
+    assert report.swept == ["peft.init", "seed"]
     wandb_runs = {c["seed"] * 10 + (c["peft"]["init"] == "text"): read_run(RunDir(j.run_dir).wandb)
                   for c, j in zip(configs, jobs)}
     assert len({r.group for r in wandb_runs.values()}) == 1 and next(iter(wandb_runs.values())).group
