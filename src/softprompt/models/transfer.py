@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from softprompt.core import keys
 from softprompt.core.errors import UserError
 from softprompt.core.rundir import RunDir
+from softprompt.models.portable import portable_id
 
 if TYPE_CHECKING:
     import torch
@@ -101,8 +102,6 @@ def read_source(path: str) -> Source:
 
 def check_same_base(source: Source, model_cfg: DictConfig) -> None:
     """UserError unless `source` was trained on the base model `model_cfg` loads (JSON only)."""
-    from softprompt.models.portable import portable_id
-
     here = portable_id(model_cfg)
     where = f"peft.init_from={source.given}"
     if source.base_model_id != here:
@@ -114,8 +113,6 @@ def check_same_base(source: Source, model_cfg: DictConfig) -> None:
                         "a soft prompt transfers only between runs of the same base model")
     recorded_tiny = (source.model or {}).get("tiny")
     if model_cfg.source == "tiny" and recorded_tiny:
-        from omegaconf import OmegaConf
-
         tiny = OmegaConf.to_container(model_cfg.tiny, resolve=True)
         differ = sorted(k for k in set(tiny) | set(recorded_tiny) if tiny.get(k) != recorded_tiny.get(k))
         if differ:  # the same preset name, another shape: another random model
