@@ -38,9 +38,12 @@ def test_sweep_file_parameters_exist_and_every_value_composes(path):
     assert raw["program"] == "train.py"
     assert raw["command"] == ["${env}", "${interpreter}", "${program}", "${args_no_hyphens}"]
     assert raw["metric"] == {"name": keys.EVAL_PERPLEXITY, "goal": "minimize"}
+    # each value among the other parameters' first values, as the sweep runs it (one value alone can
+    # need another: transfer.yaml's peft.init=from_run needs its peft.init_from)
+    firsts = {k: probe_values(v)[0] for k, v in sweep.parameters.items()}
     for key, spec in sweep.parameters.items():
         for value in probe_values(spec):
-            cfg = compose(job_overrides({key: value}))
+            cfg = compose(job_overrides(firsts | {key: value}))
             validate(cfg)
             if "." in key:  # a config key, not a config group choice such as model=...
                 assert OmegaConf.select(cfg, key) == pytest.approx(value) if isinstance(value, float) \

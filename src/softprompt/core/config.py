@@ -28,7 +28,7 @@ CONF_DIR = Path(str(resources.files("softprompt") / "conf"))
 # the registry's names (softprompt.models.methods.METHODS), repeated here so the config is
 # validated before torch is imported; tests/test_methods.py checks that they agree
 PEFT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning", "lora")
-PEFT_INITS = ("random", "text", "sample_vocab")
+PEFT_INITS = ("random", "text", "sample_vocab", "from_run")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PRECISIONS = ("auto", "fp32", "bf16")
 MODEL_SOURCES = ("pretrained", "gguf_package", "tiny")
@@ -83,6 +83,8 @@ class PeftConfig:
     # prompt_tuning's init
     init: Optional[str] = MISSING
     init_text: Optional[str] = MISSING
+    # init=from_run: a run directory or adapter folder whose soft prompt this one starts from
+    init_from: Optional[str] = MISSING
     # p_tuning's prompt encoder
     encoder_hidden_size: Optional[int] = MISSING
     # lora
@@ -198,6 +200,16 @@ def validate(cfg: DictConfig) -> None:
         if p.init == "text":
             _check(bool(p.init_text and p.init_text.strip()),
                    "peft.init=text needs peft.init_text (or choose peft.init=random|sample_vocab)")
+        if p.init == "from_run":
+            _check(bool(p.init_from), "peft.init=from_run needs peft.init_from=RUN_DIR (a finished run or its "
+                                      "adapter/ folder)")
+    if p.init_from or p.init == "from_run":
+        # p-tuning's prompt comes out of an MLP encoder and prefix tuning's sits in every layer's
+        # cache: neither has a (tokens x hidden) input prompt to start from. With prompt tuning,
+        # init_from is read only for init=from_run, so one sweep can compare it with init=text
+        _check(p.method == "prompt_tuning",
+               f"peft.init=from_run / peft.init_from apply to peft.method=prompt_tuning only (got "
+               f"peft.method={p.method}): only its prompt is a sequence of input embeddings to start from")
     if p.method == "p_tuning":
         _check(p.encoder_hidden_size is not None and p.encoder_hidden_size >= 1,
                f"peft.encoder_hidden_size must be >= 1 (got {p.encoder_hidden_size})")

@@ -13,8 +13,9 @@ from typing import Any
 SEED = "seed"
 # config.json entries that differ between runs without being a setting of the experiment: the
 # data split's fingerprint and row counts (the split is drawn with the seed), W&B placement, the
-# output dir, the eval prompts (long lists, not an axis) and provenance (commit, versions)
-PER_RUN_PREFIXES = ("data.", "wandb.", "output_dir", "eval.prompts", "provenance.")
+# output dir, the eval prompts (long lists, not an axis), provenance (commit, versions) and the
+# description of a transferred prompt's source (the setting is peft.init_from; softprompt.models.transfer)
+PER_RUN_PREFIXES = ("data.", "wandb.", "output_dir", "eval.prompts", "provenance.", "prompt_source.")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -82,8 +82,9 @@ class Method:
 def _prompt_tuning_config(cfg: DictConfig, tokenizer_path: str):
     from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
+    # from_run: a cheap random start that `wrap` replaces with the source run's prompt
     inits = {"random": PromptTuningInit.RANDOM, "text": PromptTuningInit.TEXT,
-             "sample_vocab": PromptTuningInit.SAMPLE_VOCAB}
+             "sample_vocab": PromptTuningInit.SAMPLE_VOCAB, "from_run": PromptTuningInit.RANDOM}
     kwargs = {}
     if cfg.init == "text":
         # PEFT tokenizes the init text itself, from this path (a local dir for offline models)
@@ -191,9 +192,16 @@ def method_of(peft_model: "PeftModel") -> Method:
 
 
 def wrap(model: torch.nn.Module, cfg: DictConfig, tokenizer_path: str) -> "PeftModel":
+    """The PEFT model the run trains, its prompt initialised as `cfg.init` says (from_run:
+    softprompt.models.transfer)."""
     from peft import get_peft_model
 
-    return get_peft_model(model, get(cfg.method).build_config(cfg, tokenizer_path))
+    peft_model = get_peft_model(model, get(cfg.method).build_config(cfg, tokenizer_path))
+    if cfg.get("init") == "from_run":
+        from softprompt.models.transfer import start_from_source
+
+        start_from_source(peft_model, cfg, tokenizer_path)
+    return peft_model
 
 
 # --- what callers ask of a PeftModel, answered by its entry --------------------------------------

@@ -26,7 +26,6 @@ from omegaconf import DictConfig
 from softprompt.core import atomic, keys
 from softprompt.core.config import resolved
 from softprompt.core.rundir import RunDir
-from softprompt.models.methods import get
 
 CARD_FILE = "README.md"
 
@@ -73,6 +72,9 @@ def adapter_record(cfg: DictConfig, local_base: str, tokenizer_path: str, metric
 
 def model_card(cfg: DictConfig, metrics: dict[str, Any]) -> str:
     """A short model card: base, dataset, method, size, held-out perplexities, how to use it."""
+    # imported here: portable_id serves the preflight (softprompt.models.transfer), before torch
+    from softprompt.models.methods import get
+
     method = get(cfg.peft.method)
     base_id = portable_id(cfg.model)
     front = {"base_model": base_id, "library_name": "peft", "pipeline_tag": "text-generation",

@@ -4,7 +4,7 @@
 config's ranges/enums/dependencies (softprompt.core.config.validate), a dataset file that is missing,
 unreadable, of an unsupported format or without the text column, a model path that is not a
 model, the offline model package not installed, a Hub source while the Hub is unreachable and
-nothing is cached. data.py and modeling.py check again where they load (the second line of
+nothing is cached, a `peft.init_from` prompt of another base model. data.py and modeling.py check again where they load (the second line of
 defence for callers of their functions); this module makes the CLI fail in about a second.
 """
 
@@ -37,6 +37,8 @@ def check(cfg: DictConfig) -> None:
     check_overrides(cfg)
     check_dataset(cfg.dataset)
     check_model(cfg.model)
+    if cfg.peft.get("init") == "from_run":
+        check_prompt_source(cfg)
     if cfg.wandb.mode == "online":  # auto never fails; online without a usable service does
         from softprompt.track.wandb_run import resolve_mode
 
@@ -102,6 +104,16 @@ def _hub_dataset_cached(hub_id: str | None) -> bool:
     datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
     return (Path(constants.HF_HUB_CACHE) / f"datasets--{hub_id.replace('/', '--')}").is_dir() or \
         (datasets_cache / hub_id.replace("/", "___")).is_dir()
+
+
+# --- prompt transfer -----------------------------------------------------------------------------
+
+
+def check_prompt_source(cfg: DictConfig) -> None:
+    """peft.init_from: a prompt-tuning adapter of the same base model (its JSON files only)."""
+    from softprompt.models import transfer
+
+    transfer.check_same_base(transfer.read_source(str(cfg.peft.init_from)), cfg.model)
 
 
 # --- model ---------------------------------------------------------------------------------------
