@@ -19,7 +19,8 @@ from conftest import ROOT, compose, run_cli
 from softprompt.core import keys
 
 # 16 training rows, batch 8: 2 optimizer steps per epoch; W&B off where only numbers are compared
-FAST = ["model=tiny-llama", "dataset=prompts_sample", "dataset.max_samples=20", "eval.max_new_tokens=4",
+FAST = ["model=tiny-llama", "dataset=prompts_sample", "dataset.max_samples=20", "training.max_length=24",
+        "eval.max_new_tokens=4",
         "eval.num_heldout_generations=0", "eval.train_perplexity_rows=4", "training.save_every_epoch=false",
         "training.learning_rate=0.3", "wandb.mode=disabled"]
 
@@ -113,27 +114,40 @@ def test_each_budget_of_a_trunk_equals_its_standalone_run(tmp_path, schedule):
 
 # --- (b), (c): different prompts in one pack -------------------------------------------------------------
 
+# Eager attention: its kernels compute each row the same whatever else is in the batch, so a concat
+# step is bit-identical to the job's own step. SDPA's CPU kernel rounds differently with a longer
+# key length (~2e-7 in loss and gradient, test_concat_step_equals_each_prompt_alone), and Adam,
+# which divides each gradient element by its own magnitude, turns that into up to lr per step on
+# near-zero elements: 3.4e-4 in perplexity after 4 steps at lr 0.3. `turns` is bit-identical either way.
 JOBS = [
-    # clipped hard, constant rate
+    # never clipped (its gradient norm stays far below 1000), constant rate
     ["peft.num_virtual_tokens=2", "training.learning_rate=0.3", "seed=1", "training.lr_scheduler=constant",
-     "training.max_grad_norm=0.001", "training.epochs=2", "peft.init=random"],
-    # never clipped, linear decay
+     "training.max_grad_norm=1000", "peft.init=random"],
+    # clipped hard, linear decay
     ["peft.num_virtual_tokens=5", "training.learning_rate=0.1", "seed=2", "training.lr_scheduler=linear",
-     "training.max_grad_norm=1000", "training.epochs=2"],
+     "training.max_grad_norm=0.001"],
 ]
+COMMON = ["training.epochs=2", "training.logging_steps=1", "model.attn_implementation=eager"]
 
 
 @pytest.fixture(scope="module")
 def alone_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("alone")
-    return [_alone(tmp, str(i), o) for i, o in enumerate(JOBS)]
+    return [_alone(tmp, str(i), o + COMMON) for i, o in enumerate(JOBS)]
+
+
+@pytest.fixture(scope="module")
+def packs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("packs")
+    return {forward: _packed(tmp, forward, [o + COMMON for o in JOBS], forward=forward)
+            for forward in ("turns", "concat")}
 
 
 @pytest.mark.parametrize("forward", ["turns", "concat"])
-def test_a_pack_of_different_prompts_equals_each_job_alone(tmp_path, alone_runs, forward):
+def test_a_pack_of_different_prompts_equals_each_job_alone(packs, alone_runs, forward):
     import torch
 
-    dirs, members, pack = _packed(tmp_path, forward, JOBS, forward=forward)
+    dirs, members, pack = packs[forward]
     assert len(pack.trunks) == 2  # different seeds and schedules: no shared trunk, one pack
     for out, member, (alone_dir, alone) in zip(dirs, members, alone_runs):
         assert member.metrics[keys.PACK_FORWARD] == forward
@@ -142,14 +156,49 @@ def test_a_pack_of_different_prompts_equals_each_job_alone(tmp_path, alone_runs,
         assert member.metrics[keys.EVAL_BASE_PERPLEXITY] == alone[keys.EVAL_BASE_PERPLEXITY]
         torch.testing.assert_close(_prompt(out), _prompt(alone_dir), rtol=0, atol=1e-4)
         assert _prompt(out).shape[0] == member.cfg.peft.num_virtual_tokens
-        assert json.loads((out / "generations.jsonl").read_text().splitlines()[0]).keys() >= {"base", "tuned"}
+        assert json.loads((out / "config.json").read_text())["pack"]["forward"] == forward
 
 
-def test_clipping_and_schedules_are_per_job(tmp_path):
-    dirs, members, _ = _packed(tmp_path, "clip", JOBS, forward="concat")
-    first = [[r for r in m.rows if keys.TRAIN_GRAD_NORM in r][0] for m in members]
-    # both prompts see gradients far above 0.001 and far below 1000: only the first is clipped,
-    # so its prompt moved by at most lr x steps (Adam's first steps move by ~lr whatever the norm)
-    assert first[0][keys.TRAIN_GRAD_NORM] > 0.001 and first[1][keys.TRAIN_GRAD_NORM] < 1000
-    lrs = [[r[keys.TRAIN_LEARNING_RATE] for r in m.rows if keys.TRAIN_LEARNING_RATE in r] for m in members]
-    assert lrs[0] == [0.3, 0.3]  # constant: logged at steps 1 and 5? (4 steps, logging every 5: step 1 only)
+def test_clipping_and_schedules_are_per_job(packs, alone_runs):
+    _, members, _ = packs["turns"]
+    logged = [[r for r in m.rows if keys.TRAIN_GRAD_NORM in r] for m in members]
+    alone = [[json.loads(x) for x in (d / "history.jsonl").read_text().splitlines()] for d, _ in alone_runs]
+    assert [len(rows) for rows in logged] == [4, 4]
+    # the gradient norms (before clipping) lie between the two limits: job 1 is clipped, job 0 not
+    assert all(0.001 < r[keys.TRAIN_GRAD_NORM] < 1000 for rows in logged for r in rows)
+    # each job's own schedule: constant 0.3; linear from 0.1 to 0 over 4 steps
+    assert [r[keys.TRAIN_LEARNING_RATE] for r in logged[0]] == pytest.approx([0.3] * 4)
+    assert [r[keys.TRAIN_LEARNING_RATE] for r in logged[1]] == pytest.approx([0.1, 0.075, 0.05, 0.025])
+    # and a clipped neighbour changes nothing: both equal their standalone runs exactly (turns)
+    for member, (_, metrics) in zip(members, alone_runs):
+        assert member.metrics[keys.EVAL_PERPLEXITY] == metrics[keys.EVAL_PERPLEXITY]
+    assert len(alone[0]) == len(alone[1]) == 2  # one held-out evaluation per epoch
+
+
+@pytest.mark.parametrize("attention,atol", [("eager", 0.0), ("sdpa", 1e-6)])
+def test_concat_step_equals_each_prompt_alone(attention, atol):
+    """One forward of two prompts' rows (lengths 2 and 5) gives each prompt its own loss and
+    gradient, as prompt_tuning_loss on its rows alone does: exactly with eager attention, to float
+    rounding with SDPA (gradients up to ~0.02 here)."""
+    import torch
+
+    from softprompt.models.fast_loss import prompt_tuning_loss
+    from softprompt.models.loading import load_model
+    from softprompt.train import pack
+    from softprompt.train.batches import PaddingCollator
+
+    configs = [compose(FAST + o + [f"model.attn_implementation={attention}"]) for o in JOBS]
+    loaded = load_model(configs[0].model)
+    collate = PaddingCollator(loaded.tokenizer.pad_token_id)
+    ids = loaded.tokenizer(["I want you to act as a poet", "Hello", "Write a story about a cat and a dog"])["input_ids"]
+    batches = [collate([{"input_ids": ids[0]}, {"input_ids": ids[1]}]), collate([{"input_ids": ids[2]}])]
+    lanes = [pack._new_lane(c, loaded, None, [], 4) for c in configs]
+    together = pack.concat_losses(lanes, batches, loaded.model)
+    torch.stack(together).sum().backward()
+    grads = [lane.trainable()[0].grad.clone() for lane in lanes]
+    for lane, batch, loss, grad in zip(lanes, batches, together, grads):
+        lane.optimizer.zero_grad()
+        alone = prompt_tuning_loss(lane.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        alone.backward()
+        assert float(loss) == pytest.approx(float(alone), rel=1e-6)
+        torch.testing.assert_close(grad, lane.trainable()[0].grad, rtol=0, atol=atol)

@@ -365,8 +365,8 @@ def concat_losses(lanes: list[Lane], batches: list[dict], base) -> list[torch.Te
     lane's mean NLL over its own labelled tokens (what `prompt_tuning_loss` returns for it alone)."""
     device = next(base.parameters()).device
     decoder, lm_head, embed = base.base_model, base.get_output_embeddings(), base.get_input_embeddings()
-    pieces, masks, targets, owners = [], [], [], []
-    for j, (lane, inputs) in enumerate(zip(lanes, batches)):
+    pieces, masks, targets = [], [], []
+    for lane, inputs in zip(lanes, batches):
         lane.model.train()
         ids, mask, labels = (inputs[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
         emb = embed(ids)
@@ -375,21 +375,21 @@ def concat_losses(lanes: list[Lane], batches: list[dict], base) -> list[torch.Te
         pieces.append(torch.cat([prompt, emb], dim=1))
         masks.append(torch.cat([mask.new_ones(ids.shape[0], n), mask], dim=1))
         targets.append(torch.cat([labels.new_full((ids.shape[0], n), -100), labels], dim=1))
-        owners.append(torch.full((ids.shape[0],), j, dtype=torch.long, device=device))
     width = max(p.shape[1] for p in pieces)
     embeds = torch.cat([F.pad(p, (0, 0, 0, width - p.shape[1])) for p in pieces])
     mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for m in masks])
     target = torch.cat([F.pad(t, (0, width - t.shape[1]), value=-100) for t in targets])
-    owner = torch.cat(owners)
     hidden = decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
     # position p predicts token p+1 (the last virtual position predicts the first text token)
-    target = target[:, 1:]
-    keep = target != -100
-    rows = owner[:, None].expand_as(target)[keep]
-    nll = F.cross_entropy(lm_head(hidden[:, :-1][keep]).float(), target[keep], reduction="none")
-    sums = torch.zeros(len(lanes), dtype=nll.dtype, device=device).index_add(0, rows, nll)
-    counts = torch.bincount(rows, minlength=len(lanes)).clamp(min=1)
-    return list(sums / counts)
+    hidden, target = hidden[:, :-1], target[:, 1:]
+    losses, start = [], 0
+    for piece in pieces:  # each lane's rows: its loss as prompt_tuning_loss computes it alone
+        rows = slice(start, start + piece.shape[0])
+        start += piece.shape[0]
+        keep = target[rows] != -100
+        nll = F.cross_entropy(lm_head(hidden[rows][keep]).float(), target[rows][keep], reduction="sum")
+        losses.append(nll / int(keep.sum()))
+    return losses
 
 
 def _optimizer_step(lane: Lane, step: int, value: float, logging_steps: int, per_epoch: int) -> None:
