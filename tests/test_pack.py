@@ -202,3 +202,43 @@ def test_concat_step_equals_each_prompt_alone(attention, atol):
         alone.backward()
         assert float(loss) == pytest.approx(float(alone), rel=1e-6)
         torch.testing.assert_close(grad, lane.trainable()[0].grad, rtol=0, atol=atol)
+
+
+# --- wiring: scripts/sweep.py and the packed Hydra launcher ----------------------------------------------
+
+
+def _finished_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.glob("*/metrics.json"))
+
+
+def test_sweep_trains_a_grid_as_one_pack_with_a_run_dir_per_point(tmp_path):
+    from softprompt.experiments.sweep import parse_sweep, run_sweep
+
+    sweep = parse_sweep({"method": "grid", "parameters": {"peft.num_virtual_tokens": {"values": [1, 2]},
+                                                          "training.epochs": {"values": [1, 2]}}}, name="tiny")
+    lines = []
+    sweep_dir, jobs = run_sweep(sweep, FAST + ["training.lr_scheduler=constant", "wandb.mode=offline"],
+                                root=tmp_path, log=lines.append)
+    assert [j.state for j in jobs] == ["finished"] * 4
+    assert _finished_dirs(sweep_dir) == [sweep_dir / str(i) for i in range(4)]
+    assert sum("pack of jobs 0, 1, 2, 3" in line for line in lines) == 1
+    for job in jobs:
+        config = json.loads((job.run_dir / "config.json").read_text())
+        assert config["training"]["epochs"] == job.values["training.epochs"]
+        assert config["pack"]["jobs"] == 4 and len(config["trunk"]["steps"]) == 2
+        assert job.metrics[keys.TRAIN_STEPS] == 2 * job.values["training.epochs"]
+        assert list((job.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))  # its own W&B run
+    state = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [j["state"] for j in state["jobs"]] == ["finished"] * 4
+
+
+def test_packed_hydra_launcher_gives_each_job_its_hydra_dir(tmp_path):
+    result = run_cli(["-m", "hydra/launcher=packed", *FAST, "training.lr_scheduler=constant",
+                      "peft.num_virtual_tokens=1,2", "training.epochs=1,2", f"hydra.sweep.dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _finished_dirs(tmp_path) == [tmp_path / str(i) for i in range(4)]
+    for i in range(4):
+        assert (tmp_path / str(i) / ".hydra" / "overrides.yaml").is_file()
+        config = json.loads((tmp_path / str(i) / "config.json").read_text())
+        assert config["pack"]["jobs"] == 4
+    assert "4 jobs, 2 trunks (2 shared" in result.stdout + result.stderr

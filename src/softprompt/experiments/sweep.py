@@ -4,7 +4,8 @@ each job, `softprompt.train.run.run` trains it, and the finished job's metrics g
 The same file works with `wandb sweep FILE` + `wandb agent` where the service is reachable: its
 parameters are Hydra overrides (`peft.num_virtual_tokens=8`), passed by the agent through
 `${args_no_hyphens}` and here through Hydra's compose API. All jobs run in this one process, so
-imports, the tokenization cache and model files are paid for once (see docs/sweeps.md).
+imports, the tokenization cache and model files are paid for once; jobs that can share train
+together as packs (softprompt.train.planner and .pack; docs/sweeps.md), unless `share=False`.
 """
 
 from __future__ import annotations
@@ -211,8 +212,13 @@ def planned_count(sweep: Sweep, count: int | None) -> int | None:
 
 
 def run_sweep(sweep: Sweep, extra: list[str], count: int | None = None, root: str | Path = "multirun",
-              seed: int = 0, log=print) -> tuple[Path, list[Job]]:
-    """Run the sweep's jobs one after another in this process; returns (sweep dir, jobs)."""
+              seed: int = 0, log=print, share: bool = True, pack: int = 1) -> tuple[Path, list[Job]]:
+    """Run the sweep's jobs in this process; returns (sweep dir, jobs).
+
+    `share`: jobs that can train together do (softprompt.train.planner): a grid is planned whole,
+    random/bayes proposals `pack` at a time (the search sees their results before it proposes
+    the next ones). `share=False`: each job alone, one after another.
+    """
     import numpy as np
 
     limit = planned_count(sweep, count)
@@ -225,40 +231,97 @@ def run_sweep(sweep: Sweep, extra: list[str], count: int | None = None, root: st
     random.seed(seed)
     np.random.seed(seed)
     defaults = [f"wandb.group={sweep_id}", "wandb.mode=offline"]
+    if not share:
+        batch_size = 1
+    elif sweep.method == "grid":
+        batch_size = None  # the whole grid (or --count of it) at once
+    else:
+        batch_size = max(1, pack)
 
     jobs: list[Job] = []
     started = time.perf_counter()
     while limit is None or len(jobs) < limit:
-        values = propose(sweep, jobs)
-        if values is None:
+        batch: list[Job] = []
+        while (batch_size is None or len(batch) < batch_size) and (limit is None or len(jobs) + len(batch) < limit):
+            values = propose(sweep, jobs + batch)  # proposed but not run yet: "running" to the search
+            if values is None:
+                break
+            batch.append(Job(index=len(jobs) + len(batch), values=values,
+                             run_dir=sweep_dir / str(len(jobs) + len(batch))))
+        if not batch:
             break
-        job = Job(index=len(jobs), values=values, run_dir=sweep_dir / str(len(jobs)))
-        jobs.append(job)
-        overrides = merge_overrides(job_overrides(values) + defaults, extra)
-        log(f"[sweep {sweep.name}] job {job.index}" + (f"/{limit}" if limit else "") + ": " + " ".join(overrides))
-        _run_job(job, overrides)
+        jobs.extend(batch)
+        overrides = [merge_overrides(job_overrides(j.values) + defaults, extra) for j in batch]
+        for job, o in zip(batch, overrides):
+            log(f"[sweep {sweep.name}] job {job.index}" + (f"/{limit}" if limit else "") + ": " + " ".join(o))
+        _run_batch(batch, overrides, share, sweep, log)
         _write_state(sweep_dir, sweep, sweep_id, extra, jobs, time.perf_counter() - started)
-        log(f"[sweep {sweep.name}] job {job.index} {job.state} in {job.seconds:.1f} s"
-            + (f": {_metric_line(sweep, job)}" if job.state == "finished" else f": {job.error}"))
     return sweep_dir, jobs
 
 
-def _run_job(job: Job, overrides: list[str]) -> None:
+def _run_batch(batch: list[Job], overrides: list[list[str]], share: bool, sweep: Sweep, log) -> None:
+    """Plan the batch into packs and run each: a pack of one as a plain run, larger ones together."""
+    from softprompt.train.planner import describe, plan
+
+    composed = []
+    for job, o in zip(batch, overrides):
+        try:
+            composed.append((job, compose(o)))
+        except UserError as exc:
+            job.state, job.error = "failed", str(exc)
+    configs = [cfg for _, cfg in composed]
+    for pack in plan(configs, share=share):
+        members = [composed[i][0] for i in pack.jobs]
+        if len(members) == 1:
+            _run_job(members[0], configs[pack.jobs[0]])
+        else:
+            log(f"[sweep {sweep.name}] pack of jobs {', '.join(str(j.index) for j in members)}: "
+                f"{describe(pack, configs)}")
+            _run_pack(members, [configs[i] for i in pack.jobs],
+                      [[pack.jobs.index(i) for i in t.jobs] for t in pack.trunks])
+        for job in members:
+            log(f"[sweep {sweep.name}] job {job.index} {job.state} in {job.seconds:.1f} s"
+                + (f": {_metric_line(sweep, job)}" if job.state == "finished" else f": {job.error}"))
+
+
+def _run_job(job: Job, cfg) -> None:
     from softprompt.train.run import run
 
     t0 = time.perf_counter()
     try:
-        cfg = compose(overrides)
         job.metrics = run(cfg, run_dir=job.run_dir)
         job.state = "finished"
-        history = job.run_dir / "history.jsonl"
-        if history.is_file():
-            job.history = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+        job.history = _read_history(job.run_dir)
     except UserError as exc:
         # a job can fail for its values (a learning rate that diverges): like W&B agents, the
         # sweep goes on and the search learns that this region is bad
         job.state, job.error = "failed", str(exc)
     job.seconds = time.perf_counter() - t0
+
+
+def _run_pack(jobs: list[Job], configs: list, trunks: list[list[int]]) -> None:
+    from softprompt.train.pack import run_pack
+
+    t0 = time.perf_counter()
+    try:
+        members = run_pack(configs, [j.run_dir for j in jobs], trunks)
+    except UserError as exc:
+        for job in jobs:
+            job.state, job.error = "failed", str(exc)
+        members = []
+    seconds = time.perf_counter() - t0
+    for job, member in zip(jobs, members):
+        job.state, job.error, job.metrics = member.state, member.error, member.metrics
+        job.history = _read_history(job.run_dir) if member.state == "finished" else []
+    for job in jobs:
+        job.seconds = seconds  # the pack's wall time: its jobs trained together
+
+
+def _read_history(run_dir: Path) -> list[dict[str, Any]]:
+    history = run_dir / "history.jsonl"
+    if not history.is_file():
+        return []
+    return [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
 
 
 def _metric_line(sweep: Sweep, job: Job) -> str:

@@ -99,6 +99,7 @@ class Member:
     data: Data
     total: int  # its optimizer steps
     leave_at: int  # the step at which it leaves its trunk's lane (== total: cut there; < total: branch)
+    name: str = ""  # its W&B run's name
     config: dict[str, Any] = field(default_factory=dict)  # config.json
     rows: list[dict[str, Any]] = field(default_factory=list)  # what its W&B run logs, in order
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -139,10 +140,11 @@ class Lane:
 
 
 def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list[list[int]],
-             log: Callable[[str], None] = print) -> list[Member]:
+             names: list[str] | None = None, log: Callable[[str], None] = print) -> list[Member]:
     """Train the jobs (`trunks`: lists of indexes into `configs`, shortest first, from
-    softprompt.train.planner) and write each job's run directory. Returns the members in the order
-    of `configs`, each `finished` (with its metrics) or `failed` (with its error)."""
+    softprompt.train.planner) and write each job's run directory. `names`: their W&B run names
+    (default: from each config, as a run without overrides names itself). Returns the members in
+    the order of `configs`, each `finished` (with its metrics) or `failed` (with its error)."""
     from softprompt.train import preflight
 
     pack_start = time.time()
@@ -175,7 +177,8 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
         data = data_by_seed[cfg.seed]
         per_epoch = steps_per_epoch(len(data.train_rows), cfg.training.batch_size)
         total = cfg.training.max_steps or cfg.training.epochs * per_epoch
-        members.append(Member(i, cfg, out, data, total=total, leave_at=total))
+        name = names[i] if names else run_name(cfg, overrides=[])
+        members.append(Member(i, cfg, out, data, total=total, leave_at=total, name=name))
 
     lanes: list[Lane] = []
     for trunk in trunks:
@@ -473,7 +476,7 @@ def _finish(m: Member, lane: Lane, loaded, precision: str, started: float, real_
     extra = {keys.PACK_JOBS: len(m.config["pack"]["members"]), keys.PACK_FORWARD: forward,
              keys.PACK_TRUNK_STEPS: m.trunk_steps}
     m.metrics = write_run(
-        m.cfg, m.out, loaded, lane.model, m.data, m.config, run_name(m.cfg, overrides=[]), wandb_mode,
+        m.cfg, m.out, loaded, lane.model, m.data, m.config, m.name, wandb_mode,
         history=m.history, rows=m.rows, last_eval=last[1] if last else None, initial_prompt=lane.initial_prompt,
         train={keys.TRAIN_LOSS: lane.loss_sum / max(m.total, 1), keys.TRAIN_EPOCHS: epoch + (batch + 1) / per_epoch,
                keys.TRAIN_STEPS: m.total, keys.TRAIN_RUNTIME_S: seconds,
@@ -489,7 +492,7 @@ def _fail(m: Member, lane: Lane, message: str, wandb_mode: str, log) -> None:
 
     m.state, m.error = "failed", message
     atomic.write_json(m.out / FAILED_FILE, {"error": message, "history": list(lane.history)})
-    tracker = Tracker.start(m.cfg, m.out, m.config, run_name(m.cfg, overrides=[]), mode=wandb_mode)
+    tracker = Tracker.start(m.cfg, m.out, m.config, m.name, mode=wandb_mode)
     for row in m.rows:
         tracker.log(row)
     tracker.finish(exit_code=1)
