@@ -307,8 +307,9 @@ def _new_lane(cfg: DictConfig, loaded, data: Data, members: list[Member], total:
         set_seed(cfg.seed)
         model = wrap(loaded.model, cfg.peft, loaded.tokenizer_path)
     t = cfg.training
+    # the optimizer of a standalone run (softprompt.train.trainer): fused AdamW
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate,
-                                  weight_decay=t.weight_decay)
+                                  weight_decay=t.weight_decay, fused=True)
     initial = soft_prompt_embeddings(model)
     return Lane(model=model, optimizer=optimizer,
                 schedule=Schedule(t.lr_scheduler, t.learning_rate, total, t.warmup_steps, t.decay_fraction),
