@@ -204,6 +204,26 @@ def test_concat_step_equals_each_prompt_alone(attention):
         torch.testing.assert_close(grad, lane.trainable()[0].grad, rtol=0, atol=1e-6)
 
 
+def test_auto_times_both_ways_and_moves_nothing():
+    import torch
+
+    from softprompt.models.loading import load_model
+    from softprompt.train import pack
+
+    configs = [compose(FAST + o) for o in JOBS]
+    loaded = load_model(configs[0].model)
+    data = pack._load_data(configs[0], loaded)
+    lanes = [pack._new_lane(c, loaded, data, [pack.Member(0, c, Path("."), data, 4, 4)], 4) for c in configs]
+    before = [[p.detach().clone() for p in lane.trainable()] for lane in lanes]
+    choice, seconds = pack._calibrate(lanes, loaded, "fp32", log=lambda line: None)
+    assert choice == min(seconds, key=seconds.get) and set(seconds) == {"turns", "concat"}
+    assert all(s > 0 for s in seconds.values())
+    for lane, params in zip(lanes, before):
+        assert all(p.grad is None for p in lane.trainable())
+        assert all(torch.equal(p, q) for p, q in zip(lane.trainable(), params))
+        assert lane.optimizer.state_dict()["state"] == {}  # no optimizer step was taken
+
+
 # --- wiring: scripts/sweep.py and the packed Hydra launcher ----------------------------------------------
 
 
@@ -226,6 +246,9 @@ def test_sweep_trains_a_grid_as_one_pack_with_a_run_dir_per_point(tmp_path):
         config = json.loads((job.run_dir / "config.json").read_text())
         assert config["training"]["epochs"] == job.values["training.epochs"]
         assert config["pack"]["jobs"] == 4 and len(config["trunk"]["steps"]) == 2
+        # pack_forward=auto: 4 steps are too few to pay for timing both ways; such a pack steps in turns
+        assert config["pack"]["forward"] == job.metrics[keys.PACK_FORWARD] == "turns"
+        assert config["pack"]["calibration_s"] is None
         assert job.metrics[keys.TRAIN_STEPS] == 2 * job.values["training.epochs"]
         assert list((job.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))  # its own W&B run
     state = json.loads((sweep_dir / "sweep.json").read_text())

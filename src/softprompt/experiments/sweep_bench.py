@@ -1,9 +1,10 @@
 """`scripts/bench.py --sweep SWEEP.yaml`: the same sweep trained alone-per-job and shared, timed in
 one invocation, with the largest difference between the two modes' results.
 
-Shared runs first, so that what one process pays once (imports, first calls into torch, files in
-the OS cache) is paid by the shared mode: the ratio errs against sharing. Each mode gets its own
-empty softprompt cache (tokenisation, base evaluation), as a fresh sweep would.
+Each mode runs in a fresh child process (as `scripts/sweep.py` would: imports and first calls paid
+in both), shared first: both use the same softprompt cache, so the base-model evaluation and the
+tokenisation that the shared mode computes are cache hits for the alone mode, and the ratio errs
+against sharing. The wall time of a mode is the child's, from start to exit.
 """
 
 from __future__ import annotations
@@ -11,46 +12,58 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import softprompt
 from softprompt.core import keys
+from softprompt.core.errors import UserError
+
+MODES = (("shared", True), ("alone", False))
 
 
 def bench_sweep(sweep_file: str, overrides: list[str], root: str | Path | None = None, count: int | None = None,
                 log=print) -> dict[str, Any]:
-    from softprompt.experiments.sweep import load_sweep, run_sweep
+    from softprompt.experiments.sweep import load_sweep
 
-    sweep = load_sweep(sweep_file)
+    sweep = load_sweep(sweep_file)  # a bad file fails here, before any child starts
     root = Path(root or tempfile.mkdtemp(prefix="softprompt-sweep-bench-"))
+    src = str(Path(softprompt.__file__).resolve().parents[1])
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
     modes: dict[str, dict[str, Any]] = {}
-    for mode, share in (("shared", True), ("alone", False)):
-        previous = os.environ.get("SOFTPROMPT_CACHE")
-        os.environ["SOFTPROMPT_CACHE"] = str(root / mode / "cache")
-        try:
-            t0 = time.perf_counter()
-            sweep_dir, jobs = run_sweep(sweep, overrides, count=count, root=root / mode, share=share, log=log)
-            seconds = time.perf_counter() - t0
-        finally:
-            if previous is None:
-                os.environ.pop("SOFTPROMPT_CACHE", None)
-            else:
-                os.environ["SOFTPROMPT_CACHE"] = previous
-        modes[mode] = {"wall_s": seconds, "dir": str(sweep_dir),
-                       "jobs": {json.dumps(j.values, sort_keys=True): j for j in jobs}}
+    for mode, _ in MODES:
+        command = [sys.executable, "-m", "softprompt.experiments.sweep_bench", "--mode", mode, "--sweep",
+                   str(sweep_file), "--root", str(root / mode), *(["--count", str(count)] if count else []),
+                   *overrides]
+        t0 = time.perf_counter()
+        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
+        seconds = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise UserError(f"the {mode} sweep failed (exit {done.returncode}); its output is above")
+        sweep_dir = Path(done.stdout.strip().splitlines()[-1])
+        state = json.loads((sweep_dir / "sweep.json").read_text())
+        jobs = {}
+        for job in state["jobs"]:
+            metrics_file = sweep_dir / job["dir"] / "metrics.json"
+            metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+            jobs[json.dumps(job["values"], sort_keys=True)] = job | {"metrics": metrics}
+        modes[mode] = {"wall_s": seconds, "dir": str(sweep_dir), "jobs": jobs}
+        log(f"[bench] {mode}: {len(jobs)} jobs in {seconds:.1f} s ({sweep_dir})")
 
     diffs, per_job = [], []
     for point, alone in modes["alone"]["jobs"].items():
-        shared = modes["shared"]["jobs"].get(point)
-        a = alone.metrics.get(keys.EVAL_PERPLEXITY)
-        s = shared.metrics.get(keys.EVAL_PERPLEXITY) if shared else None
+        shared = modes["shared"]["jobs"].get(point, {})
+        a = alone["metrics"].get(keys.EVAL_PERPLEXITY)
+        s = shared.get("metrics", {}).get(keys.EVAL_PERPLEXITY)
         rel = abs(s - a) / abs(a) if a is not None and s is not None else None
         if rel is not None:
             diffs.append(rel)
-        per_job.append({"values": alone.values, "alone": a, "shared": s, "rel_diff": rel,
-                        "alone_state": alone.state, "shared_state": shared.state if shared else None})
+        per_job.append({"values": alone["values"], "alone": a, "shared": s, "rel_diff": rel,
+                        "alone_state": alone["state"], "shared_state": shared.get("state")})
     alone_s, shared_s = modes["alone"]["wall_s"], modes["shared"]["wall_s"]
     return {
         "sweep": sweep.name, "jobs": len(per_job), "overrides": list(overrides),
@@ -59,24 +72,38 @@ def bench_sweep(sweep_file: str, overrides: list[str], root: str | Path | None =
         "max_rel_diff_eval_perplexity": max(diffs) if diffs else None,
         "compared": len(diffs), "per_job": per_job,
         "dirs": {"alone": modes["alone"]["dir"], "shared": modes["shared"]["dir"]},
-        "load_average": list(os.getloadavg()),
+        "load_average_after": list(os.getloadavg()),
     }
+
+
+def _one_mode(mode: str, sweep_file: str, root: str, count: int | None, overrides: list[str]) -> None:
+    """The child: one mode of the bench, in its own process; prints the sweep dir last."""
+    from softprompt.experiments.sweep import load_sweep, run_sweep
+
+    share = dict(MODES)[mode]
+    sweep_dir, _ = run_sweep(load_sweep(sweep_file), overrides, count=count, root=root, share=share,
+                             log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(sweep_dir, flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import argparse
 
-    from softprompt.core.errors import UserError, report_and_exit
+    from softprompt.core.errors import report_and_exit
 
     parser = argparse.ArgumentParser(description="time a sweep alone-per-job and shared, in one invocation")
     parser.add_argument("--sweep", required=True, help="a W&B sweep YAML, e.g. sweeps/pack_small.yaml")
     parser.add_argument("--count", type=int, default=None, help="at most N jobs per mode")
     parser.add_argument("--root", default=None, help="where both sweeps' run dirs go (default: a temp dir)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--mode", choices=[m for m, _ in MODES], default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every job, e.g. dataset.path=FILE")
     args = parser.parse_intermixed_args(argv)
     os.environ.setdefault("SOFTPROMPT_QUIET", "1")
     try:
+        if args.mode:
+            _one_mode(args.mode, args.sweep, args.root, args.count, args.overrides)
+            return {}
         result = bench_sweep(args.sweep, args.overrides, root=args.root, count=args.count,
                              log=lambda line: print(line, flush=True))
     except UserError as exc:
@@ -89,3 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out:
         Path(args.out).write_text(text + "\n")
     return result
+
+
+if __name__ == "__main__":
+    main()

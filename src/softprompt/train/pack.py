@@ -61,7 +61,10 @@ from softprompt.train.precision import resolve_precision
 from softprompt.train.schedules import Schedule
 
 FAILED_FILE = "failed.json"
-CALIBRATION_ROUNDS = 2  # timed rounds per way, after one untimed round each (first-call costs)
+CALIBRATION_ROUNDS = 1  # timed rounds per way, after one untimed round each (first-call costs)
+# auto: below this many steps in a pack's longest lane, timing both ways (4 steps' worth) would cost
+# more than the faster one could save; such packs step in turns
+CALIBRATION_MIN_STEPS = 20
 
 
 # --- what the jobs share -------------------------------------------------------------------------
@@ -194,13 +197,16 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
     if forward == "concat" and not concat_ok:
         log("pack: training.pack_forward=concat needs prompt tuning or p-tuning on a supported model in every "
             "job and more than one lane; stepping in turns")
+    calibration = None
     if forward == "auto":
-        forward = _calibrate(lanes, loaded, precision, log) if concat_ok else "turns"
+        forward = "turns"
+        if concat_ok and max(l.end for l in lanes) >= CALIBRATION_MIN_STEPS:
+            forward, calibration = _calibrate(lanes, loaded, precision, log)
     elif forward == "concat" and not concat_ok:
         forward = "turns"
 
     pack_info = {"jobs": len(configs), "trunks": len(trunks), "forward": forward,
-                 "members": [str(Path(d).name) for d in run_dirs]}
+                 "calibration_s": calibration, "members": [str(Path(d).name) for d in run_dirs]}
     for lane in lanes:
         lengths = [m.total for m in lane.members]
         for m in lane.members:
@@ -222,6 +228,7 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
     real_tokens = 0
     step = 0
     first_step = None
+    orders: dict[tuple[int, int], list[list[int]]] = {}
     while lanes:
         # members that leave their lane now: a wsd job whose own decay starts at this step
         for lane in list(lanes):
@@ -230,9 +237,11 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
                 lanes.append(_branch(lane, m, loaded))
         batches = []
         for lane in lanes:
-            per_epoch = steps_per_epoch(len(lane.data.train_rows), settings.batch_size)
-            epoch, batch = divmod(step, per_epoch)
-            order = epoch_batches(lane.data.lengths, settings.batch_size, lane.seed, epoch, settings.group_by_length)
+            epoch, batch = divmod(step, per_epoch_of(lane, settings))
+            if (lane.seed, epoch) not in orders:  # a standalone run's order: a function of (seed, epoch)
+                orders[lane.seed, epoch] = epoch_batches(lane.data.lengths, settings.batch_size, lane.seed, epoch,
+                                                         settings.group_by_length)
+            order = orders[lane.seed, epoch]
             batches.append(collate([{"input_ids": lane.data.train_rows[k]} for k in order[batch]]))
         losses = _forward_backward(lanes, batches, loaded, precision, forward)
         for lane, inputs, value in zip(list(lanes), batches, losses):
@@ -437,8 +446,9 @@ def _pad_id(lane: Lane) -> int:
 # --- auto: which way is faster here ----------------------------------------------------------------
 
 
-def _calibrate(lanes: list[Lane], loaded, precision: str, log) -> str:
-    """Time a forward+backward of the first batches both ways (no optimizer step: nothing moves)."""
+def _calibrate(lanes: list[Lane], loaded, precision: str, log) -> tuple[str, dict[str, float]]:
+    """Time a forward+backward of the first batches both ways (no optimizer step: nothing moves).
+    Returns the faster way and the seconds of one step each way."""
     settings = lanes[0].members[0].cfg.training
     collate = PaddingCollator(loaded.tokenizer.pad_token_id)
     batches = []
@@ -459,7 +469,7 @@ def _calibrate(lanes: list[Lane], loaded, precision: str, log) -> str:
     choice = min(best, key=best.get)
     log(f"pack: forward {choice} (one step of {len(lanes)} prompts: turns {best['turns']:.3f} s, "
         f"concat {best['concat']:.3f} s)")
-    return choice
+    return choice, {way: round(seconds, 4) for way, seconds in best.items()}
 
 
 # --- the end of a job ------------------------------------------------------------------------------
