@@ -1,38 +1,12 @@
-"""python scripts/report.py DIR...: compare finished runs (a multirun/sweep dir or run dirs).
+"""python scripts/report.py DIR...: compare finished runs (console script: softprompt-report)."""
 
-Writes DIR/report.md (one row per run: the swept values, base and tuned held-out perplexity, their
-ratio, gen/ metrics, runtime, tokens/s; best run marked) and PNG plots into the first DIR, and
-prints the table. Unfinished runs (no metrics.json) are skipped and listed.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
+# a plain checkout works without installing: this checkout's src/ comes first
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from softprompt.core.errors import UserError, report_and_exit  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dirs", nargs="+", metavar="DIR", help="a multirun/sweep dir, or run dirs")
-    args = parser.parse_args(argv)
-    try:
-        from softprompt.experiments.report import build_report, write_report
-
-        report = build_report(args.dirs)
-        path = write_report(report, args.dirs[0])
-    except UserError as exc:
-        report_and_exit(str(exc))
-    for skipped in report.skipped:
-        print(f"skipped {skipped}: unfinished (no metrics.json)")
-    print(report.table())
-    print(f"wrote {path} and its plots")
-    return 0
-
+from softprompt.experiments.report import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,3 +31,12 @@ def test_bench_tiny_model_prints_json(tmp_path):
     # tiny-llama: hidden 64, 2 layers, tied 512-token embedding -> N counts the lm_head once
     assert printed["flops_per_token"] == 4 * (2 * (4 * 64 * 64 - 2 * 64 * 32 + 3 * 64 * 256 + 2 * 64) + 64
                                               + 512 * 64)
+    # the data is named, not located: no path of the machine that measured it
+    assert printed["data"] == "bundled" and len(printed["data_fingerprint"]) == 16
+
+
+def test_bench_defaults_to_the_bundled_sample():
+    from softprompt.experiments.bench import parse_args
+
+    assert parse_args([]).data == "bundled"
+    assert parse_args(["--data", "path/to/awesome-chatgpt-prompts.csv"]).data == "path/to/awesome-chatgpt-prompts.csv"

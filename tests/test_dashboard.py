@@ -79,7 +79,8 @@ def test_a_renamed_key_would_be_caught(logged):
 
 def test_best_run_from_local_run_dirs(tiny_run):
     run_dir, metrics = tiny_run
-    text = best_run_from_dirs([run_dir.parent])
+    # the run dir itself: its parent is the session's temp root, where other tests leave runs too
+    text = best_run_from_dirs([run_dir])
     assert f"{metrics[keys.EVAL_PERPLEXITY]:.3f}" in text
     assert f"{keys.CFG_NUM_VIRTUAL_TOKENS}=4" in text
     assert "best of 1 finished runs" in text

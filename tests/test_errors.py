@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_cli
 
+from softprompt.core.rundir import RunDir
+
 TINY_FAST = ["model=tiny-llama", "dataset=prompts_sample", "training.max_steps=2", "wandb.mode=offline"]
 
 
@@ -77,7 +79,7 @@ def assert_user_error(result, run_dir: Path, expected: str) -> None:
     assert sum(line.startswith("error:") for line in lines) == 1
     assert "Traceback" not in result.stderr
     assert expected in lines[-1], lines[-1]
-    assert not (run_dir / "metrics.json").exists()
+    assert not (run_dir / RunDir.METRICS).exists()
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -127,7 +129,7 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
                       "training.precision=fp32", f"hydra.run.dir={run_dir}"], timeout=300)
     assert_user_error(result, run_dir, "training loss became")
     assert "at step " in result.stderr and "lower training.learning_rate" in result.stderr
-    assert not (run_dir / "adapter").exists()
+    assert not (run_dir / RunDir.ADAPTER).exists()
 
 
 def _script(tmp_path: Path, raise_line: str) -> str:
@@ -151,4 +153,4 @@ def test_unexpected_errors_keep_their_traceback(tmp_path, raise_line):
     assert result.returncode not in (0, 2), result.stderr[-2000:]
     assert "Traceback" in result.stderr
     assert not result.stderr.strip().splitlines()[-1].startswith("error:")
-    assert not (run_dir / "metrics.json").exists()
+    assert not (run_dir / RunDir.METRICS).exists()

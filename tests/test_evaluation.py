@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY, compose
 
 from softprompt.core import keys
+from softprompt.core.rundir import RunDir
 from softprompt.evaluation.gen_metrics import (
     distinct_n2,
     generation_metrics,
@@ -145,14 +147,15 @@ def _base_eval(cfg, counter, loaded=None):
 
 
 def test_base_evaluation_is_cached_and_recomputed_on_change(tmp_path, monkeypatch):
-    import softprompt.evaluation.base_cache
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path))  # an empty cache
 
-    monkeypatch.setattr(softprompt.evaluation.base_cache, "cache_dir", lambda kind: tmp_path)  # an empty cache
+    def entries() -> list[Path]:
+        return [p for p in (tmp_path / "base_eval").iterdir() if p.is_dir() and not p.name.startswith(".")]
     base = TINY + ["eval.max_new_tokens=2", "dataset.max_samples=12", "eval.num_heldout_generations=1"]
     calls: list[int] = []
     (first, hit, _), loaded = _base_eval(compose(base), calls)
     assert not hit and len(calls) > 0
-    assert len(list(tmp_path.glob("*.json"))) == 1
+    assert len(entries()) == 1
 
     calls.clear()
     (again, hit, _), _ = _base_eval(compose(base), calls, loaded)
@@ -178,7 +181,7 @@ def test_base_evaluation_is_cached_and_recomputed_on_change(tmp_path, monkeypatc
     calls.clear()
     (_, hit, _), _ = _base_eval(compose(base + ["peft.num_virtual_tokens=9", "training.epochs=3"]), calls, loaded)
     assert hit and calls == []  # what a sweep varies does not touch the base evaluation
-    assert len(list(tmp_path.glob("*.json"))) == 1 + len(changes) + 1
+    assert len(entries()) == 1 + len(changes) + 1
 
 
 # --- generation metrics ------------------------------------------------------------------------
@@ -197,8 +200,8 @@ def test_generation_metrics_values():
 
 def test_run_records_gen_metrics_and_references(tiny_run):
     run_dir, metrics = tiny_run
-    on_disk = json.loads((run_dir / "metrics.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    on_disk = json.loads((run_dir / RunDir.METRICS).read_text())
+    rows = [json.loads(line) for line in (run_dir / RunDir.GENERATIONS).read_text().splitlines()]
     held = [r for r in rows if "reference" in r]
     assert len(held) == 2 and all(r["reference"] and r["prompt"] for r in held)
     assert on_disk[keys.GEN_EXAMPLES] == 2
@@ -211,6 +214,6 @@ def test_run_records_gen_metrics_and_references(tiny_run):
     assert on_disk[keys.EVAL_BASE_CACHED] in (0, 1)
     assert on_disk[keys.EVAL_RUNTIME_S] == pytest.approx(on_disk[keys.EVAL_BASE_RUNTIME_S]
                                                          + on_disk[keys.EVAL_TUNED_RUNTIME_S])
-    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (run_dir / RunDir.HISTORY).read_text().splitlines()]
     # the tuned evaluation reuses the last per-epoch perplexity of the same weights
     assert history[-1][keys.EVAL_PERPLEXITY] == on_disk[keys.EVAL_PERPLEXITY]

@@ -13,11 +13,12 @@ import pytest
 from conftest import run_cli
 
 from softprompt.core.errors import UserError
+from softprompt.core.rundir import RunDir
 from softprompt.serve.adapters import discover, resolve
 
 
 def _generations(run_dir):
-    return [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / RunDir.GENERATIONS).read_text().splitlines()]
 
 
 def test_generate_json_reproduces_the_runs_own_generations(tiny_run, capsys):
@@ -40,9 +41,9 @@ def test_generate_text_output_side_by_side_from_adapter_dir_and_stdin(tiny_run, 
     row = _generations(run_dir)[0]
     monkeypatch.setattr(sys, "stdin", io.StringIO(row["prompt"] + "\n\n"))
     monkeypatch.setenv("COLUMNS", "200")
-    assert main([str(run_dir / "adapter"), "-", "--max-new-tokens", "8", "--repetition-penalty", "1.5"]) == 0
+    assert main([str(run_dir / RunDir.ADAPTER), "-", "--max-new-tokens", "8", "--repetition-penalty", "1.5"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"adapter {run_dir / 'adapter'} (PROMPT_TUNING) on base ")
+    assert lines[0].startswith(f"adapter {run_dir / RunDir.ADAPTER} (PROMPT_TUNING) on base ")
     assert lines[1] == "greedy, max_new_tokens 8, repetition_penalty 1.5"
     assert f"[1/1] {row['prompt']}" in lines
     header = next(line for line in lines if "- base -" in line)
@@ -73,26 +74,26 @@ def test_foreign_adapters_are_refused_or_accepted_for_the_right_reason(tiny_run,
     # not a PEFT config
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "adapter_config.json").write_text('{"model_type": "llama"}')
+    (bad / RunDir.ADAPTER_CONFIG).write_text('{"model_type": "llama"}')
     with pytest.raises(UserError, match="not a PEFT adapter config"):
         resolve(bad)
     # a PEFT adapter without its weights
     empty = tmp_path / "empty"
     empty.mkdir()
-    shutil.copy(run_dir / "adapter" / "adapter_config.json", empty)
+    shutil.copy(run_dir / RunDir.ADAPTER / RunDir.ADAPTER_CONFIG, empty)
     with pytest.raises(UserError, match="has no weights"):
         resolve(empty)
     # saved by another tool (no softprompt.json): the base comes from adapter_config.json
     plain = tmp_path / "plain"
-    shutil.copytree(run_dir / "adapter", plain)
-    (plain / "softprompt.json").unlink()
+    shutil.copytree(run_dir / RunDir.ADAPTER, plain)
+    (plain / RunDir.ADAPTER_RECORD).unlink()
     info = resolve(plain)
     assert info.record is None and info.run_dir is None and info.metrics == {}
-    assert info.recorded_base == json.loads((run_dir / "adapter" / "softprompt.json").read_text())["base_model"]
+    assert info.recorded_base == json.loads((run_dir / RunDir.ADAPTER / RunDir.ADAPTER_RECORD).read_text())["base_model"]
     # ... and the base named there must load, else the message says to pass --base
-    config = json.loads((plain / "adapter_config.json").read_text())
+    config = json.loads((plain / RunDir.ADAPTER_CONFIG).read_text())
     config["base_model_name_or_path"] = str(tmp_path / "gone")
-    (plain / "adapter_config.json").write_text(json.dumps(config))
+    (plain / RunDir.ADAPTER_CONFIG).write_text(json.dumps(config))
     from softprompt.serve.inference import load
 
     with pytest.raises(UserError, match="cannot load the base model.*--base"):
@@ -102,8 +103,8 @@ def test_foreign_adapters_are_refused_or_accepted_for_the_right_reason(tiny_run,
 def test_discover_finds_runs_and_skips_checkpoints(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     for name in ("sweep/0", "sweep/1"):
-        shutil.copytree(run_dir / "adapter", tmp_path / name / "adapter")
-    shutil.copytree(run_dir / "adapter", tmp_path / "sweep/1/checkpoints/checkpoint-4/adapter")
+        shutil.copytree(run_dir / RunDir.ADAPTER, tmp_path / name / RunDir.ADAPTER)
+    shutil.copytree(run_dir / RunDir.ADAPTER, tmp_path / "sweep/1" / RunDir.CHECKPOINTS / "checkpoint-4" / RunDir.ADAPTER)
     assert list(discover(tmp_path)) == ["sweep/0", "sweep/1"]
     assert list(discover(run_dir)) == [run_dir.name]
     (tmp_path / "empty").mkdir()
@@ -126,8 +127,8 @@ def test_demo_answers_through_gradio_client(tiny_run, tmp_path):
 
     run_dir, metrics = tiny_run
     # a directory of two runs: the picker offers both
-    shutil.copytree(run_dir, tmp_path / "runs" / "a", ignore=shutil.ignore_patterns("wandb", "checkpoints"))
-    shutil.copytree(run_dir, tmp_path / "runs" / "b", ignore=shutil.ignore_patterns("wandb", "checkpoints"))
+    shutil.copytree(run_dir, tmp_path / "runs" / "a", ignore=shutil.ignore_patterns(RunDir.WANDB, RunDir.CHECKPOINTS))
+    shutil.copytree(run_dir, tmp_path / "runs" / "b", ignore=shutil.ignore_patterns(RunDir.WANDB, RunDir.CHECKPOINTS))
     row = next(r for r in _generations(run_dir) if r["base"] != r["tuned"])
     demo = build(discover(tmp_path / "runs"))
     port = _free_port()
@@ -189,7 +190,7 @@ def test_generate_two_adapters_on_one_base_equal_each_alone(tiny_run, tiny_quote
     from softprompt.serve.generate_cli import main
 
     prompts = _two_prompts(tiny_run, tiny_quotes_run)
-    assert main(["--adapter", f"prompts={tiny_run[0]}", "--adapter", f"quotes={tiny_quotes_run[0] / 'adapter'}",
+    assert main(["--adapter", f"prompts={tiny_run[0]}", "--adapter", f"quotes={tiny_quotes_run[0] / RunDir.ADAPTER}",
                  *prompts, "--json"]) == 0
     both = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(count_base_loads) == 1  # the base was loaded once for both adapters
@@ -215,8 +216,8 @@ def test_generate_two_adapters_text_columns_named_after_runs(tiny_run, tiny_quot
     assert main(["--adapter", str(tiny_run[0]), "--adapter", str(tiny_quotes_run[0]), prompt]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("2 adapters (PROMPT_TUNING) on base ") and lines[0].endswith("loaded once:")
-    assert lines[1:3] == [f"  {tiny_run[0].name}: {tiny_run[0] / 'adapter'}",
-                          f"  {tiny_quotes_run[0].name}: {tiny_quotes_run[0] / 'adapter'}"]
+    assert lines[1:3] == [f"  {tiny_run[0].name}: {tiny_run[0] / RunDir.ADAPTER}",
+                          f"  {tiny_quotes_run[0].name}: {tiny_quotes_run[0] / RunDir.ADAPTER}"]
     header = next(line for line in lines if "- base -" in line)
     assert header.count(" | ") == 2
     assert f" {tiny_run[0].name} " in header and f" {tiny_quotes_run[0].name} " in header
@@ -226,10 +227,10 @@ def test_adapters_on_different_bases_are_not_shared(tiny_run, tmp_path):
     from softprompt.serve.inference import load_shared
 
     other = tmp_path / "other"
-    shutil.copytree(tiny_run[0] / "adapter", other)
-    record = json.loads((other / "softprompt.json").read_text())
+    shutil.copytree(tiny_run[0] / RunDir.ADAPTER, other)
+    record = json.loads((other / RunDir.ADAPTER_RECORD).read_text())
     record["base_model"] = str(tmp_path / "another-base")
-    (other / "softprompt.json").write_text(json.dumps(record))
+    (other / RunDir.ADAPTER_RECORD).write_text(json.dumps(record))
     with pytest.raises(UserError, match="do not share one base model"):
         load_shared({"a": resolve(tiny_run[0]), "b": resolve(other)})
 
@@ -244,7 +245,7 @@ def test_demo_switches_adapters_on_one_base_without_reloading(tiny_run, tiny_quo
 
     runs = tmp_path / "runs"
     for name, (run_dir, _) in {"prompts": tiny_run, "quotes": tiny_quotes_run}.items():
-        shutil.copytree(run_dir, runs / name, ignore=shutil.ignore_patterns("wandb", "checkpoints"))
+        shutil.copytree(run_dir, runs / name, ignore=shutil.ignore_patterns(RunDir.WANDB, RunDir.CHECKPOINTS))
     prompt = _two_prompts(tiny_run, tiny_quotes_run)[1]
     from softprompt.serve.inference import load
 

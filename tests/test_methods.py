@@ -4,7 +4,6 @@ one base, and a 2-process (gloo) run of the real entrypoint."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import torch
 from conftest import ROOT, TINY, child_env, compose
 
 from softprompt.core import keys
+from softprompt.core.rundir import RunDir
 
 # trainable numbers on tiny-llama (hidden 64, 2 layers, 4 heads, 2 key/value heads of 16 dims)
 TRAINABLE = {
@@ -62,13 +62,13 @@ def test_preset_trains_saves_and_reloads(method, tmp_path):
     after = dict(model.named_parameters())
     assert any(not torch.equal(before[k], after[k]) for k in before), "no trainable weight moved"
 
-    model.save_pretrained(tmp_path / "adapter")
+    model.save_pretrained(tmp_path / RunDir.ADAPTER)
     model.eval()
     batch = _batch(tok)
     with torch.no_grad():
         expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     fresh = load_model(cfg.model).model
-    reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path / RunDir.ADAPTER).eval()
     with torch.no_grad():
         got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert got.shape == expected.shape
@@ -127,10 +127,10 @@ def test_nearest_tokens_of_text_init_are_the_init_text():
 
 
 def test_run_writes_prompt_tokens_and_wandb_table(tiny_run):
-    from softprompt.evaluation.interpret import read_jsonl
+    from softprompt.core.rundir import RunDir
 
     run_dir, _ = tiny_run
-    rows = read_jsonl(run_dir / "prompt_tokens.jsonl")
+    rows = RunDir(run_dir).read_prompt_tokens()
     assert [r["position"] for r in rows] == [0, 1, 2, 3]
     assert all(len(r["neighbours"]) == 5 for r in rows)
     # 4 Adam steps at lr 0.3 move the text-initialised prompt far ("I want you to act" -> norm ~4.5)
@@ -139,7 +139,7 @@ def test_run_writes_prompt_tokens_and_wandb_table(tiny_run):
     first = {n["token"]: n["cosine"] for n in rows[0]["neighbours"]}
     if "I" in first:
         assert first["I"] == pytest.approx(rows[0]["cosine_to_init"], abs=1e-5)
-    tables = list((run_dir / "wandb").glob("offline-run-*/files/media/table/peft/prompt_tokens_*.table.json"))
+    tables = list((run_dir / RunDir.WANDB).glob("offline-run-*/files/media/table/peft/prompt_tokens_*.table.json"))
     assert len(tables) == 1
     table = json.loads(tables[0].read_text())
     assert table["columns"][:2] == ["position", "nearest_tokens"] and len(table["data"]) == 4
@@ -155,8 +155,8 @@ def test_lora_run_evaluates_the_true_base(tiny_run, tmp_path):
     assert metrics[keys.EVAL_BASE_PERPLEXITY] == pytest.approx(prompt_metrics[keys.EVAL_BASE_PERPLEXITY], rel=1e-6)
     assert metrics[keys.EVAL_PERPLEXITY] < metrics[keys.EVAL_BASE_PERPLEXITY]
     assert metrics[keys.TRAIN_TRAINABLE_PARAMS] == TRAINABLE["lora"]
-    assert not (tmp_path / "prompt_tokens.jsonl").exists()  # no soft prompt to read
-    rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert not (tmp_path / RunDir.PROMPT_TOKENS).exists()  # no soft prompt to read
+    rows = [json.loads(line) for line in (tmp_path / RunDir.GENERATIONS).read_text().splitlines()]
     assert len(rows) == 4 and any(r["base"] != r["tuned"] for r in rows)
 
 
@@ -165,7 +165,7 @@ def _train_soft_prompt(tmp_path, name, value):
     _, loaded, model = _tiny("prompt_tuning", "peft.init=random")
     with torch.no_grad():
         model.prompt_encoder["default"].embedding.weight.fill_(value)
-    model.save_pretrained(tmp_path / name / "adapter")
+    model.save_pretrained(tmp_path / name / RunDir.ADAPTER)
     return loaded
 
 
@@ -181,7 +181,7 @@ def test_load_adapters_switches_between_two_soft_prompts(tmp_path):
     cfg = compose(TINY)
     loaded = load_model(cfg.model)
     tok = loaded.tokenizer
-    adapters = load_adapters(loaded.model, [tmp_path / "prompts", tmp_path / "quotes" / "adapter"])
+    adapters = load_adapters(loaded.model, [tmp_path / "prompts", tmp_path / "quotes" / RunDir.ADAPTER])
     assert list(adapters) == ["prompts", "quotes"]
     assert adapters["prompts"].method == "prompt_tuning"
     assert torch.equal(adapters["prompts"].soft_prompt, torch.full((4, 64), 0.5))
@@ -195,7 +195,7 @@ def test_load_adapters_switches_between_two_soft_prompts(tmp_path):
         prompts_logits = model(**inputs).logits
     assert not torch.allclose(quotes_logits, prompts_logits)
     # each equals the adapter loaded alone
-    alone = PeftModel.from_pretrained(load_model(cfg.model).model, tmp_path / "quotes" / "adapter").eval()
+    alone = PeftModel.from_pretrained(load_model(cfg.model).model, tmp_path / "quotes" / RunDir.ADAPTER).eval()
     with torch.no_grad():
         torch.testing.assert_close(alone(**inputs).logits, quotes_logits)
     settings = GenerationSettings(max_new_tokens=5)
@@ -233,11 +233,11 @@ def test_two_process_cpu_run_writes_once(tmp_path):
             f"hydra.run.dir={run_dir}"]
     result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("metrics.json")) == ["ddp/metrics.json"]
-    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob(RunDir.METRICS)) == [f"ddp/{RunDir.METRICS}"]
+    assert len(list((run_dir / RunDir.WANDB).glob("offline-run-*"))) == 1
+    metrics = json.loads((run_dir / RunDir.METRICS).read_text())
     assert metrics[keys.TRAIN_STEPS] == 2
-    assert len((run_dir / "generations.jsonl").read_text().splitlines()) == 2
+    assert len((run_dir / RunDir.GENERATIONS).read_text().splitlines()) == 2
     # rank 0 counted tokens of both ranks: 2 steps x 2 ranks x 4 rows, each at least 2 tokens
     assert metrics[keys.TRAIN_TOKENS_PER_SECOND] * metrics[keys.TRAIN_RUNTIME_S] >= 2 * 2 * 4 * 2
     assert "tuned model: held-out perplexity" in result.stdout

@@ -17,6 +17,7 @@ import pytest
 from conftest import ROOT, compose, run_cli
 
 from softprompt.core import keys
+from softprompt.core.rundir import RunDir
 
 # 16 training rows, batch 8: 2 optimizer steps per epoch; W&B off where only numbers are compared
 FAST = ["model=tiny-llama", "dataset=prompts_sample", "dataset.max_samples=20", "training.max_length=24",
@@ -28,7 +29,7 @@ FAST = ["model=tiny-llama", "dataset=prompts_sample", "dataset.max_samples=20", 
 def _prompt(run_dir: Path):
     from safetensors.torch import load_file
 
-    return next(iter(load_file(str(run_dir / "adapter" / "adapter_model.safetensors")).values()))
+    return next(iter(load_file(str(RunDir(run_dir).adapter / "adapter_model.safetensors")).values()))
 
 
 def _alone(tmp: Path, name: str, overrides: list[str]) -> tuple[Path, dict]:
@@ -101,12 +102,11 @@ def test_each_budget_of_a_trunk_equals_its_standalone_run(tmp_path, schedule):
         assert member.metrics[keys.TRAIN_LOSS] == pytest.approx(alone[keys.TRAIN_LOSS], rel=1e-5)
         assert member.metrics[keys.TRAIN_STEPS] == alone[keys.TRAIN_STEPS] == 2 * e
         torch.testing.assert_close(_prompt(out), _prompt(alone_dir), rtol=0, atol=1e-5)
-        mine = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
-        theirs = [json.loads(x) for x in (alone_dir / "history.jsonl").read_text().splitlines()]
+        mine, theirs = RunDir(out).read_history(), RunDir(alone_dir).read_history()
         assert [r[keys.EPOCH] for r in mine] == [r[keys.EPOCH] for r in theirs] == list(range(1, e + 1))
         assert [r[keys.EVAL_PERPLEXITY] for r in mine] == pytest.approx([r[keys.EVAL_PERPLEXITY] for r in theirs],
                                                                        rel=1e-5)
-        config = json.loads((out / "config.json").read_text())
+        config = RunDir(out).read_config()
         assert config["trunk"]["steps"] == [4, 6] and config["pack"]["jobs"] == 2
     # the longer job trained its first steps once for both
     assert members[1].metrics[keys.PACK_TRUNK_STEPS] == members[0].leave_at
@@ -156,13 +156,13 @@ def test_a_pack_of_different_prompts_equals_each_job_alone(packs, alone_runs, fo
         assert member.metrics[keys.EVAL_BASE_PERPLEXITY] == alone[keys.EVAL_BASE_PERPLEXITY]
         torch.testing.assert_close(_prompt(out), _prompt(alone_dir), rtol=0, atol=1e-4)
         assert _prompt(out).shape[0] == member.cfg.peft.num_virtual_tokens
-        assert json.loads((out / "config.json").read_text())["pack"]["forward"] == forward
+        assert RunDir(out).read_config()["pack"]["forward"] == forward
 
 
 def test_clipping_and_schedules_are_per_job(packs, alone_runs):
     _, members, _ = packs["turns"]
     logged = [[r for r in m.rows if keys.TRAIN_GRAD_NORM in r] for m in members]
-    alone = [[json.loads(x) for x in (d / "history.jsonl").read_text().splitlines()] for d, _ in alone_runs]
+    alone = [RunDir(d).read_history() for d, _ in alone_runs]
     assert [len(rows) for rows in logged] == [4, 4]
     # the gradient norms (before clipping) lie between the two limits: job 1 is clipped, job 0 not
     assert all(0.001 < r[keys.TRAIN_GRAD_NORM] < 1000 for rows in logged for r in rows)
@@ -228,11 +228,11 @@ def test_auto_times_both_ways_and_moves_nothing():
 
 
 def _finished_dirs(root: Path) -> list[Path]:
-    return sorted(p.parent for p in root.glob("*/metrics.json"))
+    return sorted(p for p in root.iterdir() if RunDir(p).finished)
 
 
 def test_sweep_trains_a_grid_as_one_pack_with_a_run_dir_per_point(tmp_path):
-    from softprompt.experiments.sweep import parse_sweep, run_sweep
+    from softprompt.experiments.sweep import SWEEP_STATE, parse_sweep, run_sweep
 
     sweep = parse_sweep({"method": "grid", "parameters": {"peft.num_virtual_tokens": {"values": [1, 2]},
                                                           "training.epochs": {"values": [1, 2]}}}, name="tiny")
@@ -243,7 +243,7 @@ def test_sweep_trains_a_grid_as_one_pack_with_a_run_dir_per_point(tmp_path):
     assert _finished_dirs(sweep_dir) == [sweep_dir / str(i) for i in range(4)]
     assert sum("pack of jobs 0, 1, 2, 3" in line for line in lines) == 1
     for job in jobs:
-        config = json.loads((job.run_dir / "config.json").read_text())
+        config = RunDir(job.run_dir).read_config()
         assert config["training"]["epochs"] == job.values["training.epochs"]
         assert config["pack"]["jobs"] == 4 and len(config["trunk"]["steps"]) == 2
         # pack_forward=auto: 4 steps are too few to pay for timing both ways; such a pack steps in turns
@@ -251,7 +251,7 @@ def test_sweep_trains_a_grid_as_one_pack_with_a_run_dir_per_point(tmp_path):
         assert config["pack"]["calibration_s"] is None
         assert job.metrics[keys.TRAIN_STEPS] == 2 * job.values["training.epochs"]
         assert list((job.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))  # its own W&B run
-    state = json.loads((sweep_dir / "sweep.json").read_text())
+    state = json.loads((sweep_dir / SWEEP_STATE).read_text())
     assert [j["state"] for j in state["jobs"]] == ["finished"] * 4
 
 
@@ -261,7 +261,7 @@ def test_packed_hydra_launcher_gives_each_job_its_hydra_dir(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert _finished_dirs(tmp_path) == [tmp_path / str(i) for i in range(4)]
     for i in range(4):
-        assert (tmp_path / str(i) / ".hydra" / "overrides.yaml").is_file()
-        config = json.loads((tmp_path / str(i) / "config.json").read_text())
+        assert RunDir(tmp_path / str(i)).hydra_config.is_file()
+        config = RunDir(tmp_path / str(i)).read_config()
         assert config["pack"]["jobs"] == 4
     assert "4 jobs, 2 trunks (2 shared" in result.stdout + result.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from softprompt.evaluation.interpret import read_jsonl
+from softprompt.core.rundir import RunDir
 from softprompt.experiments.report import build_report, token_markdown, write_report
 
 
@@ -13,13 +13,13 @@ def test_report_has_the_best_runs_prompt_tokens_and_a_column_per_run(tiny_run, t
     run_dir, metrics = tiny_run
     sweep = tmp_path / "sweep"
     for name in ("0", "1"):
-        shutil.copytree(run_dir, sweep / name, ignore=shutil.ignore_patterns("wandb", "checkpoints", "adapter"))
+        shutil.copytree(run_dir, sweep / name, ignore=shutil.ignore_patterns(RunDir.WANDB, RunDir.CHECKPOINTS, RunDir.ADAPTER))
     # run 1: worse perplexity and no soft prompt to read (as a LoRA run would be)
     worse = dict(metrics, **{"eval/perplexity": metrics["eval/perplexity"] * 2})
-    (sweep / "1" / "metrics.json").write_text(json.dumps(worse))
-    (sweep / "1" / "prompt_tokens.jsonl").unlink()
+    (sweep / "1" / RunDir.METRICS).write_text(json.dumps(worse))
+    (sweep / "1" / RunDir.PROMPT_TOKENS).unlink()
 
-    rows = read_jsonl(run_dir / "prompt_tokens.jsonl")
+    rows = RunDir(run_dir).read_prompt_tokens()
     assert len(rows) == 4  # TINY's num_virtual_tokens
     report = build_report([sweep])
     assert report.best == 0
@@ -38,7 +38,7 @@ def test_report_has_the_best_runs_prompt_tokens_and_a_column_per_run(tiny_run, t
     # the token strings are the tokenizer's own: decode(id) of each neighbour
     from transformers import AutoTokenizer
 
-    record = json.loads((run_dir / "adapter" / "softprompt.json").read_text())
+    record = json.loads((run_dir / RunDir.ADAPTER / RunDir.ADAPTER_RECORD).read_text())
     tokenizer = AutoTokenizer.from_pretrained(record["tokenizer"], local_files_only=True)
     assert all(n["token"] == tokenizer.decode([n["id"]]) for r in rows for n in r["neighbours"])
     assert token_markdown(rows[0]["neighbours"][0]["token"]) in table[0]
@@ -63,8 +63,8 @@ def test_token_markdown_keeps_spaces_and_the_table_intact():
 
 def test_report_without_prompt_tokens_has_no_section(tiny_run, tmp_path):
     run_dir, _ = tiny_run
-    shutil.copytree(run_dir, tmp_path / "r", ignore=shutil.ignore_patterns("wandb", "checkpoints", "adapter"))
-    (tmp_path / "r" / "prompt_tokens.jsonl").unlink()
+    shutil.copytree(run_dir, tmp_path / "r", ignore=shutil.ignore_patterns(RunDir.WANDB, RunDir.CHECKPOINTS, RunDir.ADAPTER))
+    (tmp_path / "r" / RunDir.PROMPT_TOKENS).unlink()
     report = build_report([tmp_path / "r"])
     assert "prompt, nearest tokens" not in report.rows()[0]
     assert "read as tokens" not in write_report(report, tmp_path / "r").read_text()

@@ -12,6 +12,7 @@ from conftest import ROOT, compose, run_cli
 
 from softprompt.core import keys
 from softprompt.core.errors import UserError
+from softprompt.core.rundir import RunDir
 
 SWEEP_FILES = sorted((ROOT / "sweeps").glob("*.yaml"))
 # settings that keep a tiny job to a few optimizer steps: 8 training rows = 1 step per epoch
@@ -122,7 +123,7 @@ def _script(name: str):
 def _wandb_run_ids(run_dirs: list[Path]) -> set[str]:
     ids = set()
     for d in run_dirs:
-        runs = list((d / "wandb").glob("offline-run-*"))
+        runs = list((d / RunDir.WANDB).glob("offline-run-*"))
         assert len(runs) == 1, (d, runs)
         ids.add(runs[0].name.rsplit("-", 1)[-1])
     return ids
@@ -135,7 +136,7 @@ def test_sweep_script_runs_two_offline_jobs(tmp_path):
     (sweep_dir,) = tmp_path.glob("sweep-smoke-*")
     run_dirs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
     assert [p.name for p in run_dirs] == ["0", "1"]
-    metrics = [json.loads((d / "metrics.json").read_text()) for d in run_dirs]
+    metrics = [json.loads((d / RunDir.METRICS).read_text()) for d in run_dirs]
     assert len(_wandb_run_ids(run_dirs)) == 2  # one W&B run per job
     state = json.loads((sweep_dir / "sweep.json").read_text())
     # the grid's first two points, in the order W&B's controller proposes them
@@ -143,7 +144,7 @@ def test_sweep_script_runs_two_offline_jobs(tmp_path):
     assert [j["values"][keys.CFG_EPOCHS] for j in state["jobs"]] == [1, 2]
     assert [j["state"] for j in state["jobs"]] == ["finished", "finished"]
     assert [m[keys.TRAIN_STEPS] for m in metrics] == [1, 2]  # 8 rows, batch 8: 1 step per epoch
-    configs = [json.loads((d / "config.json").read_text()) for d in run_dirs]
+    configs = [json.loads((d / RunDir.CONFIG).read_text()) for d in run_dirs]
     assert {c["model"]["name"] for c in configs} == {"tiny-bloom"}  # the command line beat the file
     assert {c["wandb"]["group"] for c in configs} == {state["sweep"]}  # grouped by sweep
     assert [j["metric"] for j in state["jobs"]] == pytest.approx([m[keys.EVAL_PERPLEXITY] for m in metrics])
@@ -155,13 +156,13 @@ def test_multirun_2x2_gives_four_runs_and_a_report(tmp_path, capsys):
                       f"hydra.sweep.dir={sweep_dir}"])
     assert result.returncode == 0, result.stderr[-3000:]
     run_dirs = [sweep_dir / str(i) for i in range(4)]
-    assert all((d / "metrics.json").is_file() for d in run_dirs)
+    assert all((d / RunDir.METRICS).is_file() for d in run_dirs)
     assert len(_wandb_run_ids(run_dirs)) == 4
-    configs = [json.loads((d / "config.json").read_text()) for d in run_dirs]
+    configs = [json.loads((d / RunDir.CONFIG).read_text()) for d in run_dirs]
     assert [(c["peft"]["num_virtual_tokens"], c["training"]["epochs"]) for c in configs] == \
         [(1, 1), (1, 2), (2, 1), (2, 2)]
     (sweep_dir / "4").mkdir()  # a job that never finished: listed, not reported
-    (sweep_dir / "4" / "config.json").write_text("{}")
+    (sweep_dir / "4" / RunDir.CONFIG).write_text("{}")
 
     assert _script("report")([str(sweep_dir)]) == 0
     stdout = capsys.readouterr().out
@@ -171,7 +172,7 @@ def test_multirun_2x2_gives_four_runs_and_a_report(tmp_path, capsys):
     main_table, _, tokens_section = report.partition("## The learned prompt, read as tokens")
     rows = [line for line in main_table.splitlines() if line.startswith("| ") and not line.startswith("| run")]
     assert len(rows) == 4 and sum("**best**" in r for r in rows) == 1
-    ppl = [json.loads((d / "metrics.json").read_text())[keys.EVAL_PERPLEXITY] for d in run_dirs]
+    ppl = [json.loads((d / RunDir.METRICS).read_text())[keys.EVAL_PERPLEXITY] for d in run_dirs]
     assert f"{min(ppl):.4g}" in next(r for r in rows if "**best**" in r)
     assert f"skipped {sweep_dir.resolve() / '4'}" in stdout and header in stdout
     # the best run's learned prompt, read as tokens: one row per virtual token
@@ -189,10 +190,10 @@ def test_report_picks_up_gen_metrics_and_needs_finished_runs(tmp_path):
     for i, (tokens, ppl) in enumerate([(1, 30.0), (8, 20.0)]):
         d = tmp_path / str(i)
         d.mkdir()
-        (d / "config.json").write_text(json.dumps({"peft": {"num_virtual_tokens": tokens}, "training": {"epochs": 2},
+        (d / RunDir.CONFIG).write_text(json.dumps({"peft": {"num_virtual_tokens": tokens}, "training": {"epochs": 2},
                                                    "data": {"fingerprint": f"x{i}"},
                                                    "provenance": {"git": {"commit": f"c{i}"}}}))
-        (d / "metrics.json").write_text(json.dumps({keys.EVAL_PERPLEXITY: ppl, keys.EVAL_BASE_PERPLEXITY: 40.0,
+        (d / RunDir.METRICS).write_text(json.dumps({keys.EVAL_PERPLEXITY: ppl, keys.EVAL_BASE_PERPLEXITY: 40.0,
                                                     "gen/rougeL": 0.1 * (i + 1)}))
     report = build_report([tmp_path])
     assert report.swept == [keys.CFG_NUM_VIRTUAL_TOKENS]  # data.*, provenance.* differ too: not settings

@@ -12,6 +12,7 @@ from conftest import ROOT, TINY, compose, run_cli
 
 from softprompt.core import keys
 from softprompt.core.errors import UserError
+from softprompt.core.rundir import RunDir
 from softprompt.track.records import config_value, read_run, read_runs
 from softprompt.track.wandb_run import Tracker, config_for_wandb, resolve_mode, run_name
 
@@ -37,8 +38,8 @@ def test_run_placement_and_config(tracked):
     run_dir, _, r = tracked
     assert r.finished and r.exit_code == 0
     assert (r.name, r.project, r.group, r.tags) == ("vt4-ep2", "softprompt", "test-group", ["tiny", "tracking"])
-    assert r.path.parent.parent == run_dir / "wandb"  # dir= the run directory
-    on_disk = json.loads((run_dir / "config.json").read_text())
+    assert r.path.parent.parent == run_dir / RunDir.WANDB  # dir= the run directory
+    on_disk = json.loads((run_dir / RunDir.CONFIG).read_text())
     # the resolved config, key for key as config.json (data fingerprint and provenance included)
     assert r.config == on_disk
     assert r.config["peft"]["num_virtual_tokens"] == 4 and r.config["training"]["epochs"] == 2
@@ -71,7 +72,7 @@ def test_curves_per_step_and_per_epoch(tracked):
 
 def test_summary_equals_metrics_json(tracked):
     run_dir, _, r = tracked
-    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    on_disk = json.loads((run_dir / RunDir.METRICS).read_text())
     assert len(on_disk) >= len(keys.REQUIRED_METRICS)
     for key, value in on_disk.items():
         assert r.summary[key] == value, key  # exact: the same JSON number
@@ -81,7 +82,7 @@ def test_generation_table(tracked):
     run_dir, _, r = tracked
     [table] = [t for t in r.tables if t.key == keys.GENERATIONS_TABLE]
     assert table.columns == ["prompt", "reference", "base", "tuned"]
-    rows = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / RunDir.GENERATIONS).read_text().splitlines()]
     assert table.nrows == len(rows) == 4
     assert table.data == [[g["prompt"], g.get("reference", ""), g["base"], g["tuned"]] for g in rows]
 
@@ -93,17 +94,17 @@ def test_adapter_artifact(tracked):
     assert artifact.metadata["base_model"] == "tiny-llama"
     assert artifact.metadata["num_virtual_tokens"] == 4
     assert artifact.metadata[keys.EVAL_PERPLEXITY] == metrics[keys.EVAL_PERPLEXITY]
-    adapter = run_dir / "adapter"
+    adapter = run_dir / RunDir.ADAPTER
     assert artifact.files == {p.name: p.stat().st_size for p in adapter.iterdir() if p.is_file()}
     assert "adapter_model.safetensors" in artifact.files
 
 
 def test_log_model_false_logs_no_artifact(tmp_path):
     cfg = compose(TINY + ["wandb.log_model=false"])
-    (tmp_path / "adapter").mkdir()
-    (tmp_path / "adapter" / "a.bin").write_bytes(b"x")
+    (tmp_path / RunDir.ADAPTER).mkdir()
+    (tmp_path / RunDir.ADAPTER / "a.bin").write_bytes(b"x")
     tracker = Tracker.start(cfg, tmp_path, {"k": 1}, "no-model", mode="offline")
-    tracker.log_adapter(tmp_path / "adapter", name="adapter-x", metadata={})
+    tracker.log_adapter(tmp_path / RunDir.ADAPTER, name="adapter-x", metadata={})
     tracker.finish()
     r = read_run(tmp_path)
     assert r.finished and r.artifacts == [] and r.config == {"k": 1}
@@ -120,7 +121,7 @@ def test_failed_run_is_finished_with_exit_code_1(tmp_path, monkeypatch):
         run_module.run(compose(TINY), run_dir=tmp_path)
     r = read_run(tmp_path)
     assert r.finished and r.exit_code == 1
-    assert not (tmp_path / "metrics.json").exists()
+    assert not (tmp_path / RunDir.METRICS).exists()
 
 
 def test_disabled_writes_no_wandb_dir(tmp_path):
@@ -183,7 +184,7 @@ def test_cli_online_unreachable_is_an_error_before_any_work(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: wandb.mode=online but the W&B service") and "unreachable" in lines[-1]
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "run" / "wandb").exists() and not (tmp_path / "run" / "metrics.json").exists()
+    assert not (tmp_path / "run" / RunDir.WANDB).exists() and not (tmp_path / "run" / RunDir.METRICS).exists()
 
 
 # --- names ---------------------------------------------------------------------------------------
@@ -211,7 +212,7 @@ def test_multirun_jobs_are_distinct_finished_runs(tmp_path):
     assert [runs[j].config["peft"]["num_virtual_tokens"] for j in ("0", "1")] == [2, 3]
     assert [runs[j].name for j in ("0", "1")] == ["vt2-ep1-lr0.3-steps1", "vt3-ep1-lr0.3-steps1"]
     for job, r in runs.items():
-        metrics = json.loads((tmp_path / job / "metrics.json").read_text())
+        metrics = json.loads((tmp_path / job / RunDir.METRICS).read_text())
         assert {k: r.summary[k] for k in metrics} == metrics
 
 
@@ -241,7 +242,7 @@ def test_sweep_agent_values_are_held_once(tmp_path):
     assert config_value(r.config, "peft.num_virtual_tokens") == 3 and config_value(r.config, "training.epochs") == 1
     assert r.config["training"]["epochs"] == 1  # the rest of the nested config is whole
     # config.json keeps the full nested config
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["peft"]["num_virtual_tokens"] == 3
+    assert json.loads((tmp_path / "run" / RunDir.CONFIG).read_text())["peft"]["num_virtual_tokens"] == 3
 
 
 def test_sweep_values_that_did_not_reach_the_run_are_an_error():

@@ -7,15 +7,16 @@ import math
 
 import pytest
 import torch
-from conftest import TINY, compose, run_cli
+from conftest import compose, run_cli
 from safetensors.torch import load_file
 
 from softprompt.core import keys
+from softprompt.core.rundir import RunDir
 
 
 def test_tiny_run_leaves_complete_outputs(tiny_run):
     run_dir, metrics = tiny_run
-    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    on_disk = json.loads((run_dir / RunDir.METRICS).read_text())
     assert on_disk == pytest.approx(metrics)
     for key in keys.REQUIRED_METRICS:
         assert key in on_disk, key
@@ -25,7 +26,7 @@ def test_tiny_run_leaves_complete_outputs(tiny_run):
     assert on_disk[keys.PEFT_NUM_VIRTUAL_TOKENS] == 4
     assert on_disk[keys.TRAIN_TRAINABLE_PARAMS] == 4 * 64  # 4 virtual tokens x hidden size 64
     assert on_disk[keys.TRAIN_TOKENS_PER_SECOND] > 0
-    rows = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / RunDir.GENERATIONS).read_text().splitlines()]
     assert len(rows) == 2 + 2  # the two configured prompts and two held-out examples
     assert all({"prompt", "base", "tuned"} <= set(r) for r in rows)
     assert sum("reference" in r for r in rows) == 2
@@ -69,10 +70,10 @@ def test_cli_tiny_bloom_adapter_has_eight_rows(tmp_path):
     result = run_cli(["model=tiny-bloom", "dataset=prompts_sample", "peft.num_virtual_tokens=8", "training.epochs=1",
                       "eval.max_new_tokens=8", "eval.num_heldout_generations=1", f"hydra.run.dir={run_dir}"])
     assert result.returncode == 0, result.stderr[-3000:]
-    weights = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    weights = load_file(run_dir / RunDir.ADAPTER / "adapter_model.safetensors")
     assert weights["prompt_embeddings"].shape == (8, 64)
-    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((run_dir / RunDir.ADAPTER / RunDir.ADAPTER_CONFIG).read_text())
     assert config["num_virtual_tokens"] == 8 and config["peft_type"] == "PROMPT_TUNING"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / RunDir.METRICS).read_text())
     assert metrics[keys.TRAIN_EPOCHS] == pytest.approx(1.0)
-    assert len((run_dir / "generations.jsonl").read_text().splitlines()) == 3
+    assert len((run_dir / RunDir.GENERATIONS).read_text().splitlines()) == 3

@@ -3,11 +3,16 @@
 The dataclasses are registered with Hydra's ConfigStore as the base of `conf/config.yaml`, so
 OmegaConf rejects wrong types and unknown keys while composing. `validate()` adds what types
 cannot say (ranges, enums, dependencies between keys) and runs before anything is loaded.
+
+The schema holds types and checks only: every field is MISSING here, and its default lives in one
+place, the YAML presets (`conf/config.yaml` for what all options of a group share, `conf/<group>/`
+for what an option sets). A key no preset gives fails composition's first access, not silently.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,8 +21,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from softprompt.core.errors import UserError
 
-# the Hydra config tree ships inside the package (conf/ at the top of a checkout links to it)
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# the Hydra config tree ships inside the package (conf/ at the top of a checkout links to it);
+# Hydra's config_path needs a directory on disk, which a regular (non-zip) install is
+CONF_DIR = Path(str(resources.files("softprompt") / "conf"))
 
 PEFT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning", "lora")
 PEFT_INITS = ("random", "text", "sample_vocab")
@@ -31,112 +37,109 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
 @dataclass
 class TinyModelConfig:
-    architecture: str = "llama"
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    # the tokenizer is trained offline on the bundled samples; a small vocabulary lets a tiny
-    # model learn visibly in a few steps
-    vocab_size: int = 512
-    # wider than transformers' 0.02: a random model that is not near-uniform gives the soft
-    # prompt something to correct, so tiny runs show loss falling (measured: -19 % ppl in 5
-    # epochs at 0.2 vs -0.3 % at 0.02)
-    initializer_range: float = 0.2
+    architecture: str = MISSING
+    hidden_size: int = MISSING
+    num_layers: int = MISSING
+    num_heads: int = MISSING
+    vocab_size: int = MISSING
+    initializer_range: float = MISSING
 
 
 @dataclass
 class ModelConfig:
     name: str = MISSING  # short label for run names and reports
     name_or_path: str = MISSING  # Hub id or local directory (or the package, for gguf_package)
-    source: str = "pretrained"
-    gguf_file: Optional[str] = None
-    revision: Optional[str] = None
-    trust_remote_code: bool = False
+    source: str = MISSING
+    gguf_file: Optional[str] = MISSING
+    revision: Optional[str] = MISSING
+    trust_remote_code: bool = MISSING
     # null: the kernel measured fastest for the architecture (see softprompt.models.loading)
-    attn_implementation: Optional[str] = None
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    attn_implementation: Optional[str] = MISSING
+    tiny: Optional[TinyModelConfig] = MISSING  # the source=tiny presets set it; null otherwise
 
 
 @dataclass
 class DatasetConfig:
     name: str = MISSING
-    hub_id: Optional[str] = None
-    hub_split: str = "train"
-    path: Optional[str] = None  # a local csv/json/jsonl/parquet file, used instead of the Hub
-    bundled: Optional[str] = None  # a sample file shipped in softprompt/data
+    hub_id: Optional[str] = MISSING
+    hub_split: str = MISSING
+    path: Optional[str] = MISSING  # a local csv/json/jsonl/parquet file, used instead of the Hub
+    bundled: Optional[str] = MISSING  # a sample file shipped in softprompt/data
     text_column: str = MISSING
-    max_samples: Optional[int] = None
-    validation_fraction: float = 0.2
-    min_chars: int = 1
+    max_samples: Optional[int] = MISSING
+    validation_fraction: float = MISSING
+    min_chars: int = MISSING
 
 
 @dataclass
 class PeftConfig:
-    method: str = "prompt_tuning"
-    num_virtual_tokens: int = 4
-    init: str = "random"
-    init_text: Optional[str] = None
+    method: str = MISSING
+    num_virtual_tokens: int = MISSING
+    # the method-specific keys are null unless the method's preset sets them
+    # prompt_tuning's init
+    init: Optional[str] = MISSING
+    init_text: Optional[str] = MISSING
     # p_tuning's prompt encoder
-    encoder_hidden_size: int = 128
+    encoder_hidden_size: Optional[int] = MISSING
     # lora
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_modules: Optional[list[str]] = None
+    lora_r: Optional[int] = MISSING
+    lora_alpha: Optional[int] = MISSING
+    lora_dropout: Optional[float] = MISSING
+    lora_target_modules: Optional[list[str]] = MISSING
 
 
 @dataclass
 class TrainingConfig:
-    epochs: int = 6
-    max_steps: Optional[int] = None
-    learning_rate: float = 0.3
-    batch_size: int = 8
-    eval_batch_size: int = 16
-    max_length: int = 128
-    lr_scheduler: str = "linear"
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    logging_steps: int = 5
-    precision: str = "auto"
-    group_by_length: bool = True
-    torch_compile: bool = False
-    fast_loss: bool = True  # prompt tuning: lm_head only on labelled positions (softprompt.models.fast_loss)
-    num_threads: Optional[int] = None
-    resume: bool = False
-    save_every_epoch: bool = True
-    save_steps: Optional[int] = None  # also checkpoint every N optimizer steps (null: epochs only)
+    epochs: int = MISSING
+    max_steps: Optional[int] = MISSING
+    learning_rate: float = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    max_length: int = MISSING
+    lr_scheduler: str = MISSING
+    warmup_ratio: float = MISSING
+    weight_decay: float = MISSING
+    max_grad_norm: float = MISSING
+    logging_steps: int = MISSING
+    precision: str = MISSING
+    group_by_length: bool = MISSING
+    torch_compile: bool = MISSING
+    fast_loss: bool = MISSING  # prompt tuning: lm_head only on labelled positions (softprompt.models.fast_loss)
+    num_threads: Optional[int] = MISSING
+    resume: bool = MISSING
+    save_every_epoch: bool = MISSING
+    save_steps: Optional[int] = MISSING  # also checkpoint every N optimizer steps (null: epochs only)
     # packed sweeps (softprompt.train.pack): how the rows of a pack's jobs go through the base model
-    pack_forward: str = "auto"
-    pack_max_rows: Optional[int] = None  # training rows per step in one pack (jobs x batch size); null: no cap
+    pack_forward: str = MISSING
+    pack_max_rows: Optional[int] = MISSING  # training rows per step in one pack (jobs x batch size); null: no cap
 
 
 @dataclass
 class EvalConfig:
-    prompts: list[str] = field(default_factory=list)
-    max_new_tokens: int = 100
-    repetition_penalty: float = 1.5
-    batch_size: int = 8
-    num_heldout_generations: int = 4
+    prompts: list[str] = MISSING
+    max_new_tokens: int = MISSING
+    repetition_penalty: float = MISSING
+    batch_size: int = MISSING
+    num_heldout_generations: int = MISSING
     # share of a held-out example's words shown as the prompt; the rest is the reference
-    heldout_prefix_fraction: float = 0.3
-    per_epoch: bool = True
-    cache_base: bool = True
+    heldout_prefix_fraction: float = MISSING
+    per_epoch: bool = MISSING
+    cache_base: bool = MISSING
     # rows of the training split scored for train/perplexity (base and tuned); 0: none
-    train_perplexity_rows: int = 32
+    train_perplexity_rows: int = MISSING
     # neighbours per virtual token in prompt_tokens.jsonl (prompt tuning, p-tuning)
-    nearest_tokens: int = 5
+    nearest_tokens: int = MISSING
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "auto"
-    project: str = "softprompt"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
-    name: Optional[str] = None  # null: made from the run's overrides, e.g. vt8-ep6
-    log_model: bool = True
+    mode: str = MISSING
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    group: Optional[str] = MISSING
+    tags: list[str] = MISSING
+    name: Optional[str] = MISSING  # null: made from the run's overrides, e.g. vt8-ep6
+    log_model: bool = MISSING
 
 
 @dataclass
@@ -147,9 +150,9 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    seed: int = 42
+    seed: int = MISSING
     # where a run writes when run() is called outside Hydra; Hydra runs use hydra.run.dir
-    output_dir: Optional[str] = None
+    output_dir: Optional[str] = MISSING
 
 
 def register_schema() -> None:
@@ -169,6 +172,7 @@ def validate(cfg: DictConfig) -> None:
     m, d, p, t, e, w = cfg.model, cfg.dataset, cfg.peft, cfg.training, cfg.eval, cfg.wandb
     _check(m.source in MODEL_SOURCES, f"model.source={m.source!r} is not one of {', '.join(MODEL_SOURCES)}")
     if m.source == "tiny":
+        _check(m.tiny is not None, "model.source=tiny needs model.tiny (pick model=tiny-llama or model=tiny-bloom)")
         _check(m.tiny.architecture in TINY_ARCHITECTURES,
                f"model.tiny.architecture={m.tiny.architecture!r} is not one of {', '.join(TINY_ARCHITECTURES)}")
         for key in ("hidden_size", "num_layers", "num_heads", "vocab_size"):
@@ -186,12 +190,19 @@ def validate(cfg: DictConfig) -> None:
            f"dataset.validation_fraction must be in (0, 1) (got {d.validation_fraction})")
     _check(p.method in PEFT_METHODS, f"peft.method={p.method!r} is not one of {', '.join(PEFT_METHODS)}")
     _check(p.num_virtual_tokens >= 1, f"peft.num_virtual_tokens must be >= 1 (got {p.num_virtual_tokens})")
-    _check(p.init in PEFT_INITS, f"peft.init={p.init!r} is not one of {', '.join(PEFT_INITS)}")
-    if p.init == "text":
-        _check(bool(p.init_text and p.init_text.strip()),
-               "peft.init=text needs peft.init_text (or choose peft.init=random|sample_vocab)")
-    _check(p.lora_r >= 1, f"peft.lora_r must be >= 1 (got {p.lora_r})")
-    _check(0 <= p.lora_dropout < 1, f"peft.lora_dropout must be in [0, 1) (got {p.lora_dropout})")
+    if p.method == "prompt_tuning":
+        _check(p.init in PEFT_INITS, f"peft.init={p.init!r} is not one of {', '.join(PEFT_INITS)}")
+        if p.init == "text":
+            _check(bool(p.init_text and p.init_text.strip()),
+                   "peft.init=text needs peft.init_text (or choose peft.init=random|sample_vocab)")
+    if p.method == "p_tuning":
+        _check(p.encoder_hidden_size is not None and p.encoder_hidden_size >= 1,
+               f"peft.encoder_hidden_size must be >= 1 (got {p.encoder_hidden_size})")
+    if p.method == "lora":
+        _check(p.lora_r is not None and p.lora_r >= 1, f"peft.lora_r must be >= 1 (got {p.lora_r})")
+        _check(p.lora_alpha is not None, "peft.lora_alpha must be set for peft.method=lora")
+        _check(p.lora_dropout is not None and 0 <= p.lora_dropout < 1,
+               f"peft.lora_dropout must be in [0, 1) (got {p.lora_dropout})")
     for key in ("epochs", "batch_size", "eval_batch_size", "max_length", "logging_steps"):
         _check(t[key] >= 1, f"training.{key} must be >= 1 (got {t[key]})")
     if t.max_steps is not None:

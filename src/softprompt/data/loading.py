@@ -16,9 +16,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from softprompt.core import atomic, hub
+from softprompt.core import cache, hub
 from softprompt.core.errors import UserError
-from softprompt.core.paths import cache_dir
 from softprompt.data.bundled import bundled_path
 
 FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -141,14 +140,17 @@ def tokenize(texts: list[str], tokenizer, max_length: int, tokenizer_id: str) ->
     key = hashlib.sha256(
         json.dumps([tokenizer_id, len(tokenizer), tokenizer.eos_token_id, max_length, texts], ensure_ascii=False).encode()
     ).hexdigest()[:20]
-    file = cache_dir("tokens") / f"{key}.json"
-    if file.is_file():
-        try:
-            return json.loads(file.read_text())
-        except (OSError, json.JSONDecodeError):
-            pass  # a damaged cache entry is recomputed below
-    encoded = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length - 1)["input_ids"]
-    # EOS teaches the prompt where a text ends, so generations stop instead of running on
-    ids = [list(row) + [tokenizer.eos_token_id] for row in encoded]
-    atomic.write_json(file, ids, indent=None)
+
+    def compute() -> list[list[int]]:
+        encoded = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length - 1)["input_ids"]
+        # EOS teaches the prompt where a text ends, so generations stop instead of running on
+        return [list(row) + [tokenizer.eos_token_id] for row in encoded]
+
+    ids, _ = cache.json_entry("tokens", key, compute, check=_token_rows)
     return ids
+
+
+def _token_rows(value) -> list[list[int]]:
+    if not (isinstance(value, list) and all(isinstance(row, list) for row in value)):
+        raise TypeError("not a list of token rows")
+    return value

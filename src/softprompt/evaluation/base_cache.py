@@ -10,11 +10,9 @@ computing the same thing twice.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -23,9 +21,8 @@ import torch
 import transformers
 from omegaconf import DictConfig
 
-from softprompt.core import atomic
+from softprompt.core import cache
 from softprompt.core.config import resolved
-from softprompt.core.paths import cache_dir
 from softprompt.evaluation.evaluate import EvalPrompt, ModelEval, evaluate
 from softprompt.evaluation.perplexity import PerplexityResult
 
@@ -81,35 +78,23 @@ def _from_json(data: dict) -> ModelEval:
                      seconds=data["seconds"], train_perplexity=PerplexityResult(**train) if train else None)
 
 
-@contextmanager
-def _locked(file: Path):
-    with open(file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def cached_evaluation(key: str, compute: Callable[[], ModelEval], enabled: bool = True) -> tuple[ModelEval, bool]:
     """(evaluation, cache_hit): the stored evaluation for `key`, or `compute()` stored under it.
 
-    The returned `seconds` is what the evaluation cost when it was computed; the caller times
-    what it spends now.
+    Parallel jobs of a sweep wait on the entry's lock instead of computing it twice; a damaged
+    entry is computed again (see `softprompt.core.cache`). The returned `seconds` is what the
+    evaluation cost when it was computed; the caller times what it spends now.
     """
     if not enabled:
         return compute(), False
-    directory = cache_dir("base_eval")
-    file = directory / f"{key}.json"
-    with _locked(directory / f"{key}.lock"):
-        if file.is_file():
-            try:
-                return _from_json(json.loads(file.read_text())), True
-            except (OSError, json.JSONDecodeError, KeyError, TypeError):
-                pass  # a damaged entry is recomputed and replaced
-        result = compute()
-        atomic.write_json(file, _to_json(result) | {"created": time.time()}, indent=None)
-    return result, False
+    fresh: list[ModelEval] = []
+
+    def build() -> dict:
+        fresh.append(compute())
+        return _to_json(fresh[0]) | {"created": time.time()}
+
+    result, hit = cache.json_entry("base_eval", key, build, check=_from_json)
+    return (result, True) if hit else (fresh[0], False)
 
 
 def evaluate_base(loaded, validation_rows: list[list[int]], train_rows: list[list[int]], prompts: list[EvalPrompt],

@@ -2,22 +2,18 @@
 nearest vocabulary tokens by cosine similarity in the input-embedding space, and how far
 training moved it from its initialisation.
 
-Written to `prompt_tokens.jsonl` in the run directory, one object per virtual token (the format
-is documented in docs/methods.md), and logged to W&B as the table `peft/prompt_tokens`.
+Written to the run directory (`RunDir.write_prompt_tokens`), one object per virtual token (the
+format is documented in docs/methods.md), and logged to W&B as the table `peft/prompt_tokens`.
 Applies to methods whose prompt is a sequence of input embeddings: prompt tuning (the embeddings
 themselves) and p-tuning (the prompt encoder's output embeddings).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from softprompt.core import atomic
 
 TABLE_KEY = "peft/prompt_tokens"
 TABLE_COLUMNS = ["position", "nearest_tokens", "top_cosine", "cosine_to_init", "l2_to_init", "l2_norm"]
@@ -51,15 +47,6 @@ def nearest_tokens(prompt: torch.Tensor, embeddings: torch.Tensor, tokenizer, k:
             row["l2_to_init"] = float((prompt[pos] - init).norm())
         rows.append(row)
     return rows
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    atomic.write_jsonl(path, rows)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """What the report reads back (see docs/methods.md for the fields)."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:

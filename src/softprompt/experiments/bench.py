@@ -24,6 +24,7 @@ import os
 import platform
 import resource
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -174,8 +175,9 @@ def _cpu_flags() -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="a conf/model option (tiny-llama for a quick check)")
-    p.add_argument("--data", default="/work/shared/data/awesome-chatgpt-prompts.csv",
-                   help="a local csv/json/jsonl/parquet file, or 'bundled' for the packaged prompts sample")
+    p.add_argument("--data", default="bundled",
+                   help="'bundled' (the packaged prompts sample, 72 rows), or a local csv/json/jsonl/parquet "
+                        "file, e.g. path/to/awesome-chatgpt-prompts.csv (the figures in docs/speed.md)")
     p.add_argument("--text-column", default="prompt")
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed steps after warm-up (default: one epoch)")
@@ -201,7 +203,19 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> int:
+    """`python scripts/bench.py ...` / the console script softprompt-bench: prints the JSON.
+    With `--sweep SWEEP.yaml`: a sweep alone-per-job vs shared (softprompt.experiments.sweep_bench)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--sweep" or a.startswith("--sweep=") for a in args):
+        from softprompt.experiments.sweep_bench import main as sweep_main
+
+        return sweep_main(args)
+    measure(argv)
+    return 0
+
+
+def measure(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("SOFTPROMPT_QUIET", "1")
     args = parse_args(argv)
@@ -227,7 +241,10 @@ def main(argv=None) -> dict:
     precision = resolve_precision(ours_cfg.training.precision)
     splits = load_splits(base_cfg.dataset, base_cfg.seed)
     steps = args.steps or math.ceil(len(splits.train) / args.batch_size)
-    result: dict = {"model": args.model, "data": args.data, "train_rows": len(splits.train),
+    # the file's name and the rows' fingerprint name the data; the path is only this machine's
+    data_name = args.data if args.data == "bundled" else Path(args.data).name
+    result: dict = {"model": args.model, "data": data_name, "data_fingerprint": splits.fingerprint(),
+                    "train_rows": len(splits.train),
                     "batch_size": args.batch_size, "timed_steps": steps, "warmup_steps": args.warmup_steps,
                     "precision": precision, "threads": threads, "overrides": list(args.set)}
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from softprompt.core import keys
-from softprompt.core.errors import UserError
+from softprompt.core.errors import UserError, report_and_exit
+from softprompt.core.rundir import RunDir
 from softprompt.track.records import config_value
 
 Source = Literal["history", "summary", "config", "table"]
@@ -197,14 +198,13 @@ def best_run_from_dirs(dirs: list[Path]) -> str:
     for d in dirs:
         if not d.exists():
             raise UserError(f"--runs {d}: no such directory")
-        for metrics_file in sorted(d.rglob("metrics.json")):
-            metrics = json.loads(metrics_file.read_text())
-            config_file = metrics_file.parent / "config.json"
-            cfg = json.loads(config_file.read_text()) if config_file.exists() else {}
+        for metrics_file in sorted(d.rglob(RunDir.METRICS)):
+            run = RunDir(metrics_file.parent)
+            metrics, cfg = run.read_metrics(), run.read_config() or {}
             if _finite(metrics.get(keys.EVAL_PERPLEXITY)):
-                found.append((metrics[keys.EVAL_PERPLEXITY], str(metrics_file.parent), metrics, cfg))
+                found.append((metrics[keys.EVAL_PERPLEXITY], str(run.path), metrics, cfg))
     if not found:
-        raise UserError(f"--runs {' '.join(map(str, dirs))}: no finished run (metrics.json) found there")
+        raise UserError(f"--runs {' '.join(map(str, dirs))}: no finished run ({RunDir.METRICS}) found there")
     _, name, metrics, cfg = min(found, key=lambda f: f[0])
     return describe_best(name, metrics, cfg) + f" (best of {len(found)} finished runs)"
 
@@ -340,6 +340,14 @@ def _parser():
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python scripts/dashboard.py ...` / the console script softprompt-dashboard."""
+    try:
+        return _main(argv)
+    except UserError as exc:
+        report_and_exit(str(exc))
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if not args.dry_run and (args.out or args.runs):
         raise UserError("--out and --runs only go with --dry-run (online, the best run comes from W&B)")

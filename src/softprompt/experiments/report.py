@@ -8,6 +8,7 @@ for Hydra multiruns, `scripts/sweep.py` sweeps and hand-picked run dirs alike.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -16,17 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from softprompt.core import keys
-from softprompt.core.errors import UserError
+from softprompt.core.errors import UserError, report_and_exit
+from softprompt.core.rundir import RunDir
 
-# what marks a directory as a run dir (finished or not)
-RUN_MARKERS = ("metrics.json", "config.json", "history.jsonl", ".hydra", "wandb")
 # config keys that differ between runs without being a setting worth a column
 # (provenance: the code commit and package versions that run.py records beside the config)
 IGNORED_PREFIXES = ("data.", "wandb.", "output_dir", "eval.prompts", "provenance.")
 GEN_PREFIX = "gen/"
 PLOT_TOKENS = "ppl_vs_virtual_tokens.png"
 PLOT_CURVES = "eval_curves.png"
-PROMPT_TOKENS = "prompt_tokens.jsonl"  # softprompt.evaluation.interpret's reading of the learned prompt
 
 
 @dataclass
@@ -83,21 +82,17 @@ def find_run_dirs(dirs: list[str | Path]) -> list[Path]:
     for d in map(Path, dirs):
         if not d.is_dir():
             raise UserError(f"{d} is not a directory; give run dirs or a multirun/sweep dir")
-        if _is_run_dir(d):
+        if RunDir.is_run_dir(d):
             found.append(d)
             continue
-        below = sorted((p for p in d.rglob("*") if p.is_dir() and _is_run_dir(p) and not _inside_run(p, d)),
+        below = sorted((p for p in d.rglob("*") if p.is_dir() and RunDir.is_run_dir(p) and not _inside_run(p, d)),
                        key=_natural_key)
         found.extend(below)
     return list(dict.fromkeys(p.resolve() for p in found))
 
 
-def _is_run_dir(path: Path) -> bool:
-    return any((path / m).exists() for m in RUN_MARKERS) and path.name not in ("wandb", ".hydra", "adapter")
-
-
 def _inside_run(path: Path, top: Path) -> bool:
-    return any(_is_run_dir(parent) for parent in path.parents if parent != top and top in parent.parents)
+    return any(RunDir.is_run_dir(parent) for parent in path.parents if parent != top and top in parent.parents)
 
 
 def _natural_key(path: Path) -> list:
@@ -110,36 +105,24 @@ def load_runs(dirs: list[str | Path]) -> tuple[list[RunRecord], list[Path]]:
     top = Path(os.path.commonpath(paths)) if len(paths) > 1 else (paths[0].parent if paths else Path("."))
     runs, skipped = [], []
     for path in paths:
-        metrics_file = path / "metrics.json"
-        if not metrics_file.is_file():
+        run = RunDir(path)
+        if not run.finished:
             skipped.append(path)
             continue
-        metrics = json.loads(metrics_file.read_text())
-        config = _read_config(path)
-        history_file = path / "history.jsonl"
-        history = [json.loads(line) for line in history_file.read_text().splitlines() if line.strip()] \
-            if history_file.is_file() else []
         name = str(path.relative_to(top)) if top in path.parents else path.name
-        runs.append(RunRecord(name=name, path=path, metrics=metrics, config=config, history=history,
-                              prompt_tokens=_read_prompt_tokens(path)))
+        runs.append(RunRecord(name=name, path=path, metrics=run.read_metrics(), config=_read_config(run),
+                              history=run.read_history(), prompt_tokens=run.read_prompt_tokens()))
     return runs, skipped
 
 
-def _read_prompt_tokens(path: Path) -> list[dict[str, Any]] | None:
-    if not (path / PROMPT_TOKENS).is_file():
-        return None
-    from softprompt.evaluation.interpret import read_jsonl
-
-    return read_jsonl(path / PROMPT_TOKENS)
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    if (path / "config.json").is_file():
-        return flatten(json.loads((path / "config.json").read_text()))
-    if (path / ".hydra" / "config.yaml").is_file():
+def _read_config(run: RunDir) -> dict[str, Any]:
+    config = run.read_config()
+    if config is not None:
+        return flatten(config)
+    if run.hydra_config.is_file():  # a run that stopped before writing its own config
         import yaml
 
-        return flatten(yaml.safe_load((path / ".hydra" / "config.yaml").read_text()) or {})
+        return flatten(yaml.safe_load(run.hydra_config.read_text()) or {})
     return {}
 
 
@@ -165,7 +148,7 @@ def swept_keys(runs: list[RunRecord]) -> list[str]:
 def build_report(dirs: list[str | Path]) -> Report:
     runs, skipped = load_runs(dirs)
     if not runs:
-        raise UserError(f"no finished runs (with metrics.json) in {', '.join(map(str, dirs))}"
+        raise UserError(f"no finished runs (with {RunDir.METRICS}) in {', '.join(map(str, dirs))}"
                         + (f"; {len(skipped)} unfinished" if skipped else ""))
     gen_keys = sorted({k for r in runs for k in r.metrics if k.startswith(GEN_PREFIX)
                        and isinstance(r.metrics[k], (int, float)) and not isinstance(r.metrics[k], bool)})
@@ -184,7 +167,7 @@ def write_report(report: Report, out_dir: str | Path) -> Path:
                  f"`{report.runs[report.best].name}`." if report.best is not None else "No run has a finite perplexity.")
     lines += ["", report.table(), ""]
     if report.skipped:
-        lines += [f"Skipped (unfinished, no metrics.json): {', '.join(f'`{p}`' for p in report.skipped)}", ""]
+        lines += [f"Skipped (unfinished, no {RunDir.METRICS}): {', '.join(f'`{p}`' for p in report.skipped)}", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", *prompt_tokens_section(report)]
     (out / "report.md").write_text("\n".join(lines).rstrip() + "\n")
@@ -201,7 +184,7 @@ def prompt_tokens_section(report: Report) -> list[str]:
     run = report.runs[i]
     which = "best run" if i == report.best else "first run with a soft prompt"
     lines = ["## The learned prompt, read as tokens", "",
-             f"Run `{run.name}` ({which}), from its `{PROMPT_TOKENS}`: each virtual token's nearest "
+             f"Run `{run.name}` ({which}), from its `{RunDir.PROMPT_TOKENS}`: each virtual token's nearest "
              "vocabulary tokens by cosine similarity in the input-embedding space, and its cosine "
              "similarity and L2 distance to its initial value (Lester et al. 2021). The table's "
              "`prompt, nearest tokens` column gives every run's nearest token per position.", "",
@@ -348,3 +331,29 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, (list, dict)):
         return json.dumps(value)
     return str(value).replace("|", "\\|")
+
+# --- command line: python scripts/report.py DIR... (console script softprompt-report) -------------
+
+CLI_DOC = """Compare finished runs (a multirun/sweep dir or run dirs).
+
+Writes DIR/report.md (one row per run: the swept values, base and tuned held-out perplexity, their
+ratio, gen/ metrics, runtime, tokens/s; best run marked) and PNG plots into the first DIR, and
+prints the table. Unfinished runs are skipped and listed.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=CLI_DOC.splitlines()[0])
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="a multirun/sweep dir, or run dirs")
+    args = parser.parse_args(argv)
+    try:
+        report = build_report(args.dirs)
+        path = write_report(report, args.dirs[0])
+    except UserError as exc:
+        report_and_exit(str(exc))
+    for skipped in report.skipped:
+        print(f"skipped {skipped}: unfinished (no {RunDir.METRICS})")
+    print(report.table())
+    print(f"wrote {path} and its plots")
+    return 0
+

@@ -10,7 +10,7 @@ together as packs (softprompt.train.planner and .pack; docs/sweeps.md), unless `
 
 from __future__ import annotations
 
-import json
+import argparse
 import math
 import random
 import time
@@ -21,11 +21,14 @@ from typing import Any
 import yaml
 
 from softprompt.core import atomic, keys
-from softprompt.core.errors import UserError
+from softprompt.core.errors import UserError, report_and_exit
+from softprompt.core.rundir import RunDir
 
 METHODS = ("grid", "random", "bayes")
 # keys W&B's server reads but the `sweeps` package's schema does not know
 SERVER_KEYS = ("run_cap",)
+# the sweep's own record beside its job dirs: values, state and metric of every job
+SWEEP_STATE = "sweep.json"
 
 
 @dataclass
@@ -291,7 +294,7 @@ def _run_job(job: Job, cfg) -> None:
     try:
         job.metrics = run(cfg, run_dir=job.run_dir)
         job.state = "finished"
-        job.history = _read_history(job.run_dir)
+        job.history = RunDir(job.run_dir).read_history()
     except UserError as exc:
         # a job can fail for its values (a learning rate that diverges): like W&B agents, the
         # sweep goes on and the search learns that this region is bad
@@ -312,16 +315,9 @@ def _run_pack(jobs: list[Job], configs: list, trunks: list[list[int]]) -> None:
     seconds = time.perf_counter() - t0
     for job, member in zip(jobs, members):
         job.state, job.error, job.metrics = member.state, member.error, member.metrics
-        job.history = _read_history(job.run_dir) if member.state == "finished" else []
+        job.history = RunDir(job.run_dir).read_history() if member.state == "finished" else []
     for job in jobs:
         job.seconds = seconds  # the pack's wall time: its jobs trained together
-
-
-def _read_history(run_dir: Path) -> list[dict[str, Any]]:
-    history = run_dir / "history.jsonl"
-    if not history.is_file():
-        return []
-    return [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
 
 
 def _metric_line(sweep: Sweep, job: Job) -> str:
@@ -339,4 +335,52 @@ def _write_state(sweep_dir: Path, sweep: Sweep, sweep_id: str, extra: list[str],
                   "seconds": round(j.seconds, 2), "error": j.error,
                   "metric": j.metrics.get((sweep.metric or {}).get("name", keys.EVAL_PERPLEXITY))} for j in jobs],
     }
-    atomic.write_json(sweep_dir / "sweep.json", state)
+    atomic.write_json(sweep_dir / SWEEP_STATE, state)
+
+
+# --- command line: python scripts/sweep.py SWEEP.yaml ... (console script softprompt-sweep) --------
+
+CLI_DOC = """python scripts/sweep.py SWEEP.yaml [--count N] [--seed S] [--root DIR] [--no-share] [--pack N] [overrides...]
+
+Runs a W&B sweep file offline, without the W&B service: the same parameter semantics (grid,
+random, bayes; values and distributions; run_cap) through the `sweeps` package that W&B's
+controller uses. Each job is one run of `train.py` with the sweep's values plus OVERRIDES, in
+multirun/sweep-<name>-<time>/<i>/, with its own offline W&B run, grouped by sweep.
+By default jobs that can share train together (epoch trunks, packed prompts: docs/sweeps.md);
+--no-share runs each alone. Every grid point leaves its own run directory either way.
+Then: python scripts/report.py multirun/sweep-<name>-<time>
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=CLI_DOC.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_file", help="a W&B sweep YAML, e.g. sweeps/tokens_x_epochs.yaml")
+    parser.add_argument("--count", type=int, default=None,
+                        help="run at most N jobs (default: the whole grid, or run_cap)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random/bayes search (default 0)")
+    parser.add_argument("--root", default="multirun", help="where the sweep dir goes (default multirun/)")
+    parser.add_argument("--no-share", action="store_true",
+                        help="train every job alone (default: jobs that can share a process and epoch trunks do)")
+    parser.add_argument("--pack", type=int, default=1,
+                        help="random/bayes: propose and train N jobs at a time as one pack (default 1)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every job, e.g. model=tiny-bloom")
+    # overrides may come before or after the options
+    args = parser.parse_intermixed_args(argv)
+    try:
+        if args.count is not None and args.count < 1:
+            raise UserError(f"--count must be >= 1 (got {args.count})")
+        if args.pack < 1:
+            raise UserError(f"--pack must be >= 1 (got {args.pack})")
+        sweep = load_sweep(args.sweep_file)
+        sweep_dir, jobs = run_sweep(sweep, args.overrides, count=args.count, root=args.root, seed=args.seed,
+                                    share=not args.no_share, pack=args.pack)
+    except UserError as exc:
+        report_and_exit(str(exc))
+    finished = sum(j.state == "finished" for j in jobs)
+    print(f"sweep {sweep.name}: {finished}/{len(jobs)} jobs finished in {sweep_dir}; "
+          f"compare them with: python scripts/report.py {sweep_dir}", flush=True)
+    if jobs and not finished:
+        report_and_exit(f"every job of sweep {sweep.name} failed (see {sweep_dir / SWEEP_STATE})")
+    return 0
+

@@ -86,7 +86,7 @@ def _one_mode(mode: str, sweep_file: str, root: str, count: int | None, override
     print(sweep_dir, flush=True)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from softprompt.core.errors import report_and_exit
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         if args.mode:
             _one_mode(args.mode, args.sweep, args.root, args.count, args.overrides)
-            return {}
+            return 0
         result = bench_sweep(args.sweep, args.overrides, root=args.root, count=args.count,
                              log=lambda line: print(line, flush=True))
     except UserError as exc:
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{result['max_rel_diff_eval_perplexity']}", flush=True)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    return result
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

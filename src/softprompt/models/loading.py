@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +19,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from softprompt.core import hub
+from softprompt.core import cache, hub
 from softprompt.core.errors import UserError
-from softprompt.core.paths import cache_dir
 
 # Bloom has no SDPA kernel in transformers 5 (eager ALiBi); for Llama-family models the choice
-# is measured in scripts/bench.py (see README, "Speed").
+# is measured in scripts/bench.py (see docs/speed.md).
 DEFAULT_ATTN = {"llama": "sdpa", "bloom": "eager"}
 
 
@@ -49,7 +45,8 @@ def load_model(cfg: DictConfig) -> LoadedModel:
         model, tokenizer, path = _build_tiny(cfg)
     elif cfg.source == "gguf_package":
         path = str(converted_gguf_dir(cfg.name_or_path, cfg.gguf_file))
-        model, tokenizer = _from_pretrained(path, cfg, local_only=True)
+        # just verified: hashing its 0.5 GB again would add ~0.4 s to every start
+        model, tokenizer = _from_pretrained(path, cfg, local_only=True, verified=True)
     else:
         path = cfg.name_or_path
         model, tokenizer = _from_pretrained(path, cfg, local_only=False)
@@ -72,7 +69,7 @@ def _attn_kwargs(cfg: DictConfig, model_type: str | None) -> dict:
     return {"attn_implementation": impl} if impl else {}
 
 
-def _from_pretrained(path: str, cfg: DictConfig, local_only: bool):
+def _from_pretrained(path: str, cfg: DictConfig, local_only: bool, verified: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     local = Path(path).expanduser()
@@ -84,8 +81,21 @@ def _from_pretrained(path: str, cfg: DictConfig, local_only: bool):
                 "give a directory written by save_pretrained, or a Hub id"
             )
         path, local_only = str(local), True
-    elif not local_only:
-        local_only = not hub.reachable()
+        if not verified and (local / cache.MANIFEST).is_file():
+            # a softprompt cache entry (a converted or tiny model named by a saved adapter): only
+            # the command that built it knows how to build it again
+            try:
+                cache.verify(local)
+            except cache.Damaged as exc:
+                raise UserError(
+                    f"cache entry {local} is damaged ({exc}); rerun the training command that built it "
+                    f"(it rebuilds the entry), or clear it with `rm -rf {local}`"
+                ) from None
+    else:
+        local_only = local_only or not hub.reachable()
+        # the Hub cache is the library's; checking it here turns a damaged download into one
+        # clear line (offline) or a fresh download (online) instead of a traceback mid-load
+        cache.check_hub_snapshot(path, cfg.revision, can_download=not local_only)
     kwargs = dict(revision=cfg.revision, trust_remote_code=bool(cfg.trust_remote_code), local_files_only=local_only)
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
@@ -134,32 +144,25 @@ def converted_gguf_dir(package: str, gguf_file: str) -> Path:
     source = gguf_package_file(package, gguf_file)
     stat = source.stat()
     key = hashlib.sha256(f"{source.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    target = cache_dir("models") / f"{source.stem}-{key}"
-    if (target / "model.safetensors").is_file():
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    name = f"{source.stem}-{key}"
 
-    print(f"converting {source.name} to safetensors (once; cached in {target})", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-    # A model loaded from GGUF refuses save_pretrained ("quantized with gguf"): rebuild a plain
-    # one from its config and move the dequantised weights over.
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = type(gguf_model)(config)
-    plain.load_state_dict(gguf_model.state_dict())
-    # write into a temporary sibling, then rename: a killed conversion never looks finished
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    def convert(staging: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        print(f"converting {source.name} to safetensors (once; cached as models/{name})", flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        # A model loaded from GGUF refuses save_pretrained ("quantized with gguf"): rebuild a plain
+        # one from its config and move the dequantised weights over.
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = type(gguf_model)(config)
+        plain.load_state_dict(gguf_model.state_dict())
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    return cache.entry("models", name, convert)[0]
 
 
 # --- tiny random models ----------------------------------------------------------------------
@@ -196,16 +199,15 @@ def _build_tiny(cfg: DictConfig):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = model_cls(config)
-    # save once so scripts/generate.py and the demo can rebuild exactly this base
-    model_dir = cache_dir("models") / f"tiny-{t.architecture}-{_tiny_key(cfg)}"
-    if not (model_dir / "config.json").is_file():
-        tmp = Path(tempfile.mkdtemp(prefix=model_dir.name + ".tmp-", dir=model_dir.parent))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if not model_dir.exists():
-            os.replace(tmp, model_dir)
-        shutil.rmtree(tmp, ignore_errors=True)
+    # saved once so scripts/generate.py and the demo can rebuild exactly this base
+    model_dir, _ = cache.entry("models", f"tiny-{t.architecture}-{_tiny_key(cfg)}",
+                               lambda staging: _save_pretrained(staging, model, tokenizer))
     return model, tokenizer, str(model_dir)
+
+
+def _save_pretrained(directory: Path, model, tokenizer) -> None:
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
 
 
 def _tiny_key(cfg: DictConfig) -> str:

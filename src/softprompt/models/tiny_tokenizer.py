@@ -7,12 +7,8 @@ with a few hundred tokens it learns visibly, which makes smoke runs informative 
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
-from pathlib import Path
 
-from softprompt.core.paths import cache_dir
+from softprompt.core import cache
 from softprompt.data.bundled import bundled_files, bundled_texts
 
 EOS, PAD = "<|endoftext|>", "<pad>"
@@ -25,14 +21,8 @@ def tiny_tokenizer(vocab_size: int):
     digest = hashlib.sha256(str(vocab_size).encode())
     for file in bundled_files():
         digest.update(file.read_bytes())
-    target = cache_dir("tokenizers") / f"tiny-bpe-{vocab_size}-{digest.hexdigest()[:10]}"
-    if not (target / "tokenizer.json").is_file():
-        tokenizer = _train(vocab_size)
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-        tokenizer.save_pretrained(tmp)
-        if not target.exists():
-            os.replace(tmp, target)
-        shutil.rmtree(tmp, ignore_errors=True)
+    name = f"tiny-bpe-{vocab_size}-{digest.hexdigest()[:10]}"
+    target, _ = cache.entry("tokenizers", name, lambda staging: _train(vocab_size).save_pretrained(staging))
     return PreTrainedTokenizerFast.from_pretrained(target), str(target)
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from softprompt.core.errors import UserError
+from softprompt.core.rundir import RunDir
 
-CONFIG_FILE = "adapter_config.json"
-RECORD_FILE = "softprompt.json"
+CONFIG_FILE = RunDir.ADAPTER_CONFIG
+RECORD_FILE = RunDir.ADAPTER_RECORD
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -68,11 +69,8 @@ def resolve(path: str | Path) -> AdapterInfo:
         raise UserError(f"adapter directory {str(path)!r} does not exist; give a run directory or its adapter/ folder")
     if not given.is_dir():
         raise UserError(f"{str(path)!r} is a file, not an adapter directory; give a run directory or its adapter/ folder")
-    if (given / CONFIG_FILE).is_file():
-        adapter_dir = given
-    elif (given / "adapter" / CONFIG_FILE).is_file():
-        adapter_dir = given / "adapter"
-    else:
+    adapter_dir = RunDir.holding_adapter(given)
+    if adapter_dir is None:
         raise UserError(
             f"{str(path)!r} holds no PEFT adapter ({CONFIG_FILE} is neither in it nor in its adapter/ folder); "
             "give a finished run's directory or its adapter/ folder"
@@ -90,13 +88,13 @@ def resolve(path: str | Path) -> AdapterInfo:
     record = None
     if (adapter_dir / RECORD_FILE).is_file():
         record = _read_json(adapter_dir / RECORD_FILE, "softprompt record")
-    run_dir = adapter_dir.parent if adapter_dir.name == "adapter" else None
+    run = RunDir.of_adapter(adapter_dir)
     metrics: dict[str, Any] = {}
-    if run_dir is not None and (run_dir / "metrics.json").is_file():
-        metrics = _read_json(run_dir / "metrics.json", "run metrics")
+    if run is not None and run.finished:
+        metrics = _read_json(run.metrics, "run metrics")
     elif record and isinstance(record.get("metrics"), dict):
         metrics = record["metrics"]
-    return AdapterInfo(adapter_dir, run_dir, peft_config, record, metrics)
+    return AdapterInfo(adapter_dir, run.path if run else None, peft_config, record, metrics)
 
 
 def discover(root: str | Path) -> dict[str, AdapterInfo]:
@@ -105,22 +103,22 @@ def discover(root: str | Path) -> dict[str, AdapterInfo]:
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
         resolve(root_path)  # raises the right error for a missing path or a file
-    if (root_path / CONFIG_FILE).is_file() or (root_path / "adapter" / CONFIG_FILE).is_file():
+    if RunDir.holding_adapter(root_path) is not None:
         info = resolve(root_path)
         return {(info.run_dir or info.adapter_dir).name: info}
     found: dict[str, AdapterInfo] = {}
-    for config in sorted(root_path.rglob(f"adapter/{CONFIG_FILE}")):
+    for config in sorted(root_path.rglob(f"{RunDir.ADAPTER}/{CONFIG_FILE}")):
         adapter_dir = config.parent
         rel = adapter_dir.parent.relative_to(root_path)
         # checkpoints/ hold mid-training copies; dot-folders are our atomic-write temporaries
-        if "checkpoints" in rel.parts or any(part.startswith(".") for part in rel.parts):
+        if RunDir.CHECKPOINTS in rel.parts or any(part.startswith(".") for part in rel.parts):
             continue
         try:
             found[str(rel)] = resolve(adapter_dir)
         except UserError:
             continue  # an unfinished or foreign adapter among many is skipped, not fatal
     if not found:
-        raise UserError(f"no adapters under {str(root)!r} (looked for */adapter/{CONFIG_FILE}); "
+        raise UserError(f"no adapters under {str(root)!r} (looked for */{RunDir.ADAPTER}/{CONFIG_FILE}); "
                         "give a run directory, its adapter/ folder, or a directory of runs")
     return found
 

@@ -17,6 +17,7 @@ from collections import OrderedDict
 
 from softprompt.core import keys
 from softprompt.core.errors import UserError, report_and_exit
+from softprompt.core.rundir import RunDir
 from softprompt.serve.adapters import AdapterInfo, discover
 
 # what the page shows of a run's metrics.json, in this order
@@ -40,7 +41,7 @@ def metrics_markdown(info: AdapterInfo) -> str:
         if key in info.metrics:
             lines.append(f"| {label} | {_fmt(info.metrics[key])} |")
     if not info.metrics:
-        lines.append("| metrics | none recorded (no metrics.json) |")
+        lines.append(f"| metrics | none recorded (no {RunDir.METRICS}) |")
     return "\n".join(lines)
 
 

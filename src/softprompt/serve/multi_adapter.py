@@ -25,6 +25,7 @@ import torch
 from peft import PeftConfig, PeftModel
 
 from softprompt.core.errors import UserError
+from softprompt.core.rundir import RunDir
 from softprompt.models.generation import GenerationSettings, generate
 from softprompt.models.methods import soft_prompt_embeddings, tuned_generation
 
@@ -66,24 +67,24 @@ class Adapter:
 def adapter_dir(path: str | Path) -> Path:
     """An adapter directory, given it or the run directory that holds it in `adapter/`."""
     path = Path(path).expanduser()
-    if (path / "adapter_config.json").is_file():
-        return path
-    if (path / "adapter" / "adapter_config.json").is_file():
-        return path / "adapter"
-    raise UserError(f"{path} holds no adapter (no adapter_config.json in it or in {path / 'adapter'}); "
+    found = RunDir.holding_adapter(path)
+    if found is not None:
+        return found
+    raise UserError(f"{path} holds no adapter (no {RunDir.ADAPTER_CONFIG} in it or in {RunDir(path).adapter}); "
                     "give a run directory or its adapter/ directory")
 
 
 def default_name(path: Path) -> str:
     """`runs/quotes/adapter` -> `quotes`: the run directory's name, as a valid module key."""
-    folder = path.parent if path.name == "adapter" else path
-    return re.sub(r"[^A-Za-z0-9_-]", "_", folder.name) or "adapter"
+    run = RunDir.of_adapter(path)
+    folder = run.path if run else path
+    return re.sub(r"[^A-Za-z0-9_-]", "_", folder.name) or RunDir.ADAPTER
 
 
 def base_model_path(path: str | Path) -> str:
     """What `from_pretrained` needs to rebuild the base this adapter was trained on."""
     directory = adapter_dir(path)
-    meta = directory / "softprompt.json"
+    meta = directory / RunDir.ADAPTER_RECORD
     if meta.is_file():
         return json.loads(meta.read_text())["base_model"]
     return PeftConfig.from_pretrained(str(directory)).base_model_name_or_path

@@ -9,15 +9,22 @@ zero padding. The file header counts as the first 7 bytes of the first block. Th
 each record is a `wandb.proto.wandb_internal_pb2.Record`.
 
 wandb 0.31 ships no Python reader for these files (the writer is wandb-core, in Go), so tests
-and reports use this one to check what a dashboard would show: config, history, summary,
-tables, artifacts and whether the run finished.
+and the dashboard use this one to check what a dashboard would show: config, history, summary,
+tables, artifacts and whether the run finished. It is a tool, not part of a run: the tracker
+checks only the file's tail for the exit record (softprompt.track.wandb_run.ends_with_exit_record),
+and an import-linter contract keeps training and the tracker from importing this module.
+
+    python -m softprompt.track.records RUN_DIR|MULTIRUN_DIR|FILE.wandb ...
+
+prints one JSON object per run file: placement, whether it finished, the history keys (with how
+many rows hold each), the summary and the config.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-import time
+import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,28 +192,6 @@ def read_runs(root: str | Path) -> list[OfflineRun]:
     return [_fold(f, iter_records(f)) for f in find_run_files(root)]
 
 
-def wait_until_finished(path: str | Path, timeout: float = 10.0) -> bool:
-    """Wait until the run file ends with its exit record; True if it does within `timeout` s.
-
-    wandb 0.31's `run.finish()` can return before wandb-core has flushed the last block of the
-    file (seen in about 1 of 5 offline runs: the file stopped at a 32 KiB boundary for a few
-    ms), so whoever reads the file right after a run, or syncs it, waits for the exit record.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            last = None
-            for last in iter_records(path):
-                pass
-            if last is not None and last.WhichOneof("record_type") == "exit":
-                return True
-        except (OSError, RecordFileError):
-            pass  # not created yet, or caught mid-write: look again
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-
-
 def _fold(path: Path, records: Iterator[Any]) -> OfflineRun:
     run = OfflineRun(path=Path(path))
     config: dict[str, Any] = {}
@@ -298,30 +283,54 @@ def _tables(run: OfflineRun) -> list[TableRef]:
     return tables
 
 
-def describe(run: OfflineRun) -> str:
-    """A short text account of a run file: what a reviewer would look for on the dashboard."""
-    curves: dict[str, int] = {}
+def summarize(run: OfflineRun) -> dict[str, Any]:
+    """What a reviewer would look for on the dashboard, as plain JSON-able values."""
+    history_keys: dict[str, int] = {}
     for row in run.history:
-        for key, value in row.items():
-            if not key.startswith("_") and not isinstance(value, dict):
-                curves[key] = curves.get(key, 0) + 1
-    lines = [f"{run.path}",
-             f"  run {run.run_id} name={run.name!r} project={run.project!r} group={run.group!r} tags={run.tags}"
-             + (f" sweep={run.sweep_id}" if run.sweep_id else ""),
-             f"  finished={run.finished} exit_code={run.exit_code} history_rows={len(run.history)}",
-             "  curves (points): " + ", ".join(f"{k} ({n})" for k, n in sorted(curves.items())),
-             "  summary: " + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
-                                       for k, v in sorted(run.user_summary().items()) if not isinstance(v, dict))]
-    lines += [f"  table {t.key}: {t.nrows} rows x {t.ncols} cols {t.columns or ''}" for t in run.tables]
-    lines += [f"  artifact {a.name} ({a.type}): {', '.join(sorted(a.files))}" for a in run.artifacts]
-    return "\n".join(lines)
+        for key in row:
+            if not key.startswith("_"):
+                history_keys[key] = history_keys.get(key, 0) + 1
+    return {
+        "path": str(run.path),
+        "run_id": run.run_id, "name": run.name, "project": run.project, "entity": run.entity,
+        "group": run.group, "tags": run.tags, "sweep_id": run.sweep_id,
+        "finished": run.finished, "exit_code": run.exit_code,
+        "history_rows": len(run.history),
+        "history_keys": dict(sorted(history_keys.items())),
+        # table references (W&B keeps the last one of each key in the summary) are under "tables"
+        "summary": {k: v for k, v in run.user_summary().items()
+                    if not (isinstance(v, dict) and v.get("_type") in TABLE_TYPES)},
+        "config": run.config,
+        "tables": [{"key": t.key, "step": t.step, "nrows": t.nrows, "ncols": t.ncols, "columns": t.columns}
+                   for t in run.tables],
+        "artifacts": [{"name": a.name, "type": a.type, "files": sorted(a.files)} for a in run.artifacts],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from softprompt.core.errors import UserError, report_and_exit
+
+    parser = argparse.ArgumentParser(
+        prog="python -m softprompt.track.records",
+        description="Summarise offline W&B run files as JSON, one object per line.")
+    parser.add_argument("paths", nargs="+", metavar="RUN_DIR|MULTIRUN_DIR|FILE.wandb")
+    args = parser.parse_args(argv)
+    try:
+        for root in args.paths:
+            if not Path(root).exists():
+                raise UserError(f"{root} does not exist; give a run dir, a multirun dir or a run-*.wandb file")
+            files = find_run_files(root)
+            if not files:
+                raise UserError(f"no W&B run files (run-*.wandb) under {root}; "
+                                "was the run made with wandb.mode=disabled?")
+            for run_file in files:
+                print(json.dumps(summarize(_fold(run_file, iter_records(run_file))), default=str), flush=True)
+    except (RecordFileError, UserError) as exc:
+        report_and_exit(str(exc))
+    return 0
 
 
 if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) < 2:
-        sys.exit("usage: python -m softprompt.track.records RUN_DIR|MULTIRUN_DIR|FILE.wandb ...")
-    for root in sys.argv[1:]:
-        for run_file in find_run_files(root):
-            print(describe(_fold(run_file, iter_records(run_file))))
+    sys.exit(main())

@@ -3,7 +3,8 @@
 `wandb.mode=auto` logs online when there is a login and the service answers, else offline (and
 says so in one line); it never fails a run. `online` fails early with an `error:` line when the
 service is not usable. Offline runs write the same records and can be uploaded with `wandb sync`.
-What a run logs, key by key, is in docs/wandb.md; `softprompt.track.records` reads it back.
+What a run logs, key by key, is in docs/wandb.md; `python -m softprompt.track.records RUN_DIR` reads
+it back (a tool for tests and dashboards: nothing here imports it).
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import copy
 import netrc
 import os
 import socket
+import struct
+import time
+import zlib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -269,14 +273,12 @@ class Tracker:
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
-            from softprompt.track.records import wait_until_finished
-
             sync_file = self.run.settings.sync_file
             self.run.finish(exit_code=exit_code)
             self.run = None
             # finish() can return before the run file's last block is on disk; a reader or
             # `wandb sync` right after the job must see the whole run
-            if sync_file and not wait_until_finished(sync_file, timeout=10.0):
+            if sync_file and not wait_for_exit_record(sync_file, timeout=10.0):
                 print(f"wandb: warning: {sync_file} has no exit record yet", flush=True)
 
 
@@ -292,3 +294,78 @@ def _define_metrics(run) -> None:
     run.define_metric("eval/*", step_metric=keys.EPOCH)
     run.define_metric(keys.EVAL_PERPLEXITY, step_metric=keys.EPOCH, summary="last")
     run.define_metric(keys.EVAL_LOSS, step_metric=keys.EPOCH, summary="last")
+
+
+# --- the end of the run file ---------------------------------------------------------------------
+# A `.wandb` file is a LevelDB-style log (docs/wandb.md): a 7-byte file header, then 32 KiB blocks of
+# records `crc32 (4) | length (2) | type (1) | data`, a record too long for the rest of a block split
+# into FIRST/MIDDLE/LAST fragments, a block's last < 7 bytes zero padding. wandb-core writes the exit
+# record last. It is small, so it lies whole in the last two blocks: reading those is enough to tell
+# whether the run file is complete (softprompt.track.records reads whole files; runs do not need it).
+_BLOCK_LEN = 32768
+_FILE_HEADER_LEN = 7
+_RECORD_HEADER = struct.Struct("<IHB")
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def ends_with_exit_record(path: str | Path) -> bool:
+    """Whether the last record of a `.wandb` file is the run's exit record (False if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            # from the start of the second-to-last block: the exit record's first fragment can lie
+            # at the end of the block before the last one
+            start = max(0, (size - 1) // _BLOCK_LEN - 1) * _BLOCK_LEN
+            f.seek(start)
+            tail = f.read()
+    except OSError:
+        return False
+    pos = _FILE_HEADER_LEN if start == 0 else 0
+    last: bytes | None = None
+    pending: bytearray | None = None  # fragments so far of a record whose FIRST is in the tail
+    while True:
+        left = _BLOCK_LEN - (start + pos) % _BLOCK_LEN
+        if left < _RECORD_HEADER.size:  # block trailer
+            pos += left
+            continue
+        if pos + _RECORD_HEADER.size > len(tail):
+            break
+        checksum, length, kind = _RECORD_HEADER.unpack_from(tail, pos)
+        if (checksum, length, kind) == (0, 0, 0):
+            break  # zero-filled: nothing written beyond here
+        end = pos + _RECORD_HEADER.size + length
+        if end > len(tail):
+            return False  # a record still being written
+        payload = tail[pos + _RECORD_HEADER.size:end]
+        if zlib.crc32(payload, zlib.crc32(bytes([kind]))) != checksum:
+            return False  # caught mid-write (or corrupt): not finished as far as we can tell
+        pos = end
+        if kind == _FULL:
+            last, pending = payload, None
+        elif kind == _FIRST:
+            pending = bytearray(payload)
+        elif pending is not None:  # MIDDLE or LAST of a record that began in the tail
+            pending += payload
+            if kind == _LAST:
+                last, pending = bytes(pending), None
+        else:  # the rest of a long record that began before the tail: never the exit record
+            last = None
+    if last is None or pending is not None:
+        return False
+    from wandb.proto import wandb_internal_pb2
+
+    return wandb_internal_pb2.Record.FromString(last).WhichOneof("record_type") == "exit"
+
+
+def wait_for_exit_record(path: str | Path, timeout: float = 10.0) -> bool:
+    """Wait until the run file ends with its exit record; True if it does within `timeout` s.
+
+    wandb 0.31's `run.finish()` can return before wandb-core has flushed the last block of the
+    file (seen in about 1 of 5 offline runs: the file stopped at a 32 KiB boundary for a few ms).
+    """
+    deadline = time.monotonic() + timeout
+    while not ends_with_exit_record(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

@@ -8,16 +8,14 @@ last (its presence means the run finished).
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from softprompt.core import atomic, keys
+from softprompt.core import keys
 from softprompt.core.config import resolved
+from softprompt.core.rundir import RunDir
 from softprompt.evaluation import interpret
 from softprompt.evaluation.evaluate import comparison_metrics, evaluate
 from softprompt.evaluation.perplexity import PerplexityResult
@@ -59,21 +57,19 @@ def write_run(cfg: DictConfig, out: Path, loaded, model, data, config: dict[str,
                     "base": b, "tuned": t} for p, b, t in zip(data.prompts, base.generations, tuned.generations)]
 
     # --- save: adapter and generations first, metrics.json last (its presence = finished) ------
+    rundir = RunDir(out)
     model.peft_config["default"].base_model_name_or_path = loaded.base_path
-    adapter_tmp = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=out))
-    model.save_pretrained(adapter_tmp)
-    atomic.write_json(adapter_tmp / "softprompt.json", {
+    rundir.write_adapter(model.save_pretrained, {
         "base_model": loaded.base_path, "tokenizer": loaded.tokenizer_path, "model": resolved(cfg.model),
         "peft": resolved(cfg.peft), "eval": resolved(cfg.eval), "metrics": metrics,
     })
-    _replace_dir(adapter_tmp, out / "adapter")
-    atomic.write_jsonl(out / "generations.jsonl", generations)
-    atomic.write_jsonl(out / "history.jsonl", history)
+    rundir.write_generations(generations)
+    rundir.write_history(history)
     prompt_tokens = None
     if initial_prompt is not None:  # prompt tuning, p-tuning: what the learned prompt is close to
         prompt_tokens = interpret.nearest_tokens(soft_prompt_embeddings(model), model.get_input_embeddings().weight,
                                                  tokenizer, cfg.eval.nearest_tokens, initial=initial_prompt)
-        interpret.write_jsonl(out / "prompt_tokens.jsonl", prompt_tokens)
+        rundir.write_prompt_tokens(prompt_tokens)
 
     tracker = Tracker.start(cfg, out, config, name, mode=wandb_mode)
     try:
@@ -83,23 +79,14 @@ def write_run(cfg: DictConfig, out: Path, loaded, model, data, config: dict[str,
             tracker.log_table(interpret.TABLE_KEY, interpret.TABLE_COLUMNS, interpret.table_rows(prompt_tokens))
         tracker.log_table(keys.GENERATIONS_TABLE, ["prompt", "reference", "base", "tuned"],
                           [[r["prompt"], r.get("reference", ""), r["base"], r["tuned"]] for r in generations])
-        tracker.log_adapter(out / "adapter", name=f"adapter-{cfg.model.name}-{cfg.dataset.name}", metadata={
+        tracker.log_adapter(rundir.adapter, name=f"adapter-{cfg.model.name}-{cfg.dataset.name}", metadata={
             "base_model": cfg.model.name_or_path, "base_model_path": loaded.base_path,
             "peft_method": cfg.peft.method, "num_virtual_tokens": cfg.peft.num_virtual_tokens, **metrics})
-        atomic.write_json(out / "metrics.json", metrics)
         tracker.set_summary(metrics)
+        rundir.finish(metrics)
     except BaseException:
         tracker.finish(exit_code=1)
         raise
     tracker.finish(exit_code=0)
     return metrics
 
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)

@@ -44,10 +44,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from transformers import set_seed
 
-from softprompt.core import atomic, keys
+from softprompt.core import keys
 from softprompt.core.config import resolved
 from softprompt.core.errors import UserError
 from softprompt.core.provenance import provenance
+from softprompt.core.rundir import RunDir
 from softprompt.data.loading import load_splits, tokenize
 from softprompt.evaluation.base_cache import evaluate_base
 from softprompt.evaluation.evaluate import eval_prompts, train_subset
@@ -60,7 +61,6 @@ from softprompt.train.batches import PaddingCollator, epoch_batches, steps_per_e
 from softprompt.train.precision import resolve_precision
 from softprompt.train.schedules import Schedule
 
-FAILED_FILE = "failed.json"
 CALIBRATION_ROUNDS = 1  # timed rounds per way, after one untimed round each (first-call costs)
 # auto: below this many steps in a pack's longest lane, timing both ways (4 steps' worth) would cost
 # more than the faster one could save; such packs step in turns
@@ -174,9 +174,8 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
     members = []
     for i, (cfg, out) in enumerate(zip(configs, run_dirs)):
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").unlink(missing_ok=True)  # a rerun in the same dir is not finished yet
-        (out / FAILED_FILE).unlink(missing_ok=True)
+        RunDir(out).start()  # a rerun in the same dir is not finished yet
+        RunDir(out).failed.unlink(missing_ok=True)
         data = data_by_seed[cfg.seed]
         per_epoch = steps_per_epoch(len(data.train_rows), cfg.training.batch_size)
         total = cfg.training.max_steps or cfg.training.epochs * per_epoch
@@ -217,7 +216,7 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
                 "pack": pack_info | {"index": m.index},
                 "trunk": {"steps": lengths, "leaves_at_step": m.leave_at,
                           "branch": m.leave_at < m.total, "shared_with": [x.out.name for x in lane.members]}}
-            atomic.write_json(m.out / "config.json", m.config)
+            RunDir(m.out).write_config(m.config)
 
     # --- train: every lane one step at a time, in lock-step ------------------------------------
     settings = first.training
@@ -502,7 +501,7 @@ def _fail(m: Member, lane: Lane, message: str, wandb_mode: str, log) -> None:
     from softprompt.track.wandb_run import Tracker
 
     m.state, m.error = "failed", message
-    atomic.write_json(m.out / FAILED_FILE, {"error": message, "history": list(lane.history)})
+    RunDir(m.out).write_failed({"error": message, "history": list(lane.history)})
     tracker = Tracker.start(m.cfg, m.out, m.config, m.name, mode=wandb_mode)
     for row in m.rows:
         tracker.log(row)

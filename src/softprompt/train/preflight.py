@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from softprompt.core import hub
+from softprompt.core import cache, hub
 from softprompt.core.config import validate
 from softprompt.core.errors import UserError
 from softprompt.data.bundled import bundled_path
@@ -118,9 +118,12 @@ def check_model(m: DictConfig) -> None:
             raise UserError(f"model.name_or_path={path} is not a model directory (no config.json in it); "
                             "give a directory written by save_pretrained, or a Hub id")
         return
-    if not hub.reachable() and not _hub_model_cached(path, m.revision):
-        raise UserError(f"the Hugging Face Hub is unreachable and model {path!r} is not in the local cache; "
-                        f"use {OFFLINE_MODELS}")
+    if not hub.reachable():
+        if not _hub_model_cached(path, m.revision):
+            raise UserError(f"the Hugging Face Hub is unreachable and model {path!r} is not in the local cache; "
+                            f"use {OFFLINE_MODELS}")
+        # a damaged download cannot be fetched again now: say so before torch is imported
+        cache.check_hub_snapshot(path, m.revision, can_download=False)
 
 
 def _hub_model_cached(repo_id: str, revision: str | None) -> bool:

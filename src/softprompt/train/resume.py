@@ -7,7 +7,6 @@ resumed attempt logs into the same W&B run. A fresh run in a reused directory st
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,9 @@ from omegaconf import DictConfig
 
 from softprompt.core.config import resolved
 from softprompt.core.errors import UserError
+from softprompt.core.rundir import RunDir
 from softprompt.train import checkpoints
 
-WANDB_ID_FILE = "wandb_run_id"
 # keys that may differ between the attempts of one run
 _MAY_CHANGE = {("training", "resume"), ("training", "num_threads"), ("wandb", "mode")}
 
@@ -35,7 +34,7 @@ class ResumePoint:
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+    return RunDir(run_dir).checkpoints
 
 
 def prepare(cfg: DictConfig, run_dir: Path) -> ResumePoint:
@@ -44,34 +43,28 @@ def prepare(cfg: DictConfig, run_dir: Path) -> ResumePoint:
     if not cfg.training.resume:
         if ckpt_dir.exists():
             checkpoints.clear(ckpt_dir)
-        (run_dir / WANDB_ID_FILE).unlink(missing_ok=True)
+        RunDir(run_dir).forget_wandb_run_id()
         return ResumePoint()
     checkpoints.remove_staging(ckpt_dir)
     latest = checkpoints.latest_checkpoint(ckpt_dir)
     if latest is None:
         print(f"training.resume=true but {ckpt_dir} holds no complete checkpoint; starting from step 0", flush=True)
-        return ResumePoint(wandb_run_id=_read_id(run_dir))
+        return ResumePoint(wandb_run_id=RunDir(run_dir).read_wandb_run_id())
     _check_same_config(cfg, run_dir)
-    point = ResumePoint(latest, checkpoints.read_state(latest), _read_id(run_dir))
+    point = ResumePoint(latest, checkpoints.read_state(latest), RunDir(run_dir).read_wandb_run_id())
     print(f"resuming from {latest} (step {point.step})", flush=True)
     return point
 
 
 def remember_wandb_id(run_dir: Path, run_id: str | None) -> None:
     if run_id:
-        (run_dir / WANDB_ID_FILE).write_text(run_id + "\n")
-
-
-def _read_id(run_dir: Path) -> str | None:
-    file = run_dir / WANDB_ID_FILE
-    return file.read_text().strip() or None if file.is_file() else None
+        RunDir(run_dir).write_wandb_run_id(run_id)
 
 
 def _check_same_config(cfg: DictConfig, run_dir: Path) -> None:
-    file = run_dir / "config.json"
-    if not file.is_file():
+    before = RunDir(run_dir).read_config()
+    if before is None:
         return
-    before = json.loads(file.read_text())
     now = resolved(cfg)
     changed = sorted(f"{section}.{key}" for section, values in now.items() if isinstance(values, dict)
                      for key, value in values.items()

@@ -7,9 +7,6 @@ written last, atomically, so its presence means the run finished.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +14,11 @@ import torch
 from omegaconf import DictConfig
 from transformers import TrainerCallback, set_seed
 
-from softprompt.core import atomic, distributed, keys
+from softprompt.core import distributed, keys
 from softprompt.core.config import resolved
 from softprompt.core.errors import UserError
 from softprompt.core.provenance import provenance
+from softprompt.core.rundir import RunDir
 from softprompt.data.loading import load_splits, tokenize
 from softprompt.evaluation import interpret
 from softprompt.evaluation.base_cache import evaluate_base
@@ -70,7 +68,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     out = run_directory(cfg, run_dir)
     start = resume.prepare(cfg, out)  # before config.json is rewritten: resume compares with it
     if main:
-        (out / "metrics.json").unlink(missing_ok=True)  # a rerun in the same dir is not finished yet
+        RunDir(out).start()  # a rerun in the same dir is not finished yet
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
     set_seed(cfg.seed)
@@ -86,7 +84,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                                        "train_rows": len(train_rows), "validation_rows": len(val_rows)},
                               "provenance": provenance()}
     if main:
-        atomic.write_json(out / "config.json", config)
+        RunDir(out).write_config(config)
 
     tracker = Tracker.start(cfg, out, config, run_name(cfg), mode=wandb_mode, run_id=start.wandb_run_id)
     resume.remember_wandb_id(out, tracker.run_id)
@@ -171,27 +169,25 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
              "base": b, "tuned": t} for p, b, t in zip(prompts, base.generations, tuned.generations)]
 
     # --- save: adapter and generations first, metrics.json last (its presence = finished) ------
+    rundir = RunDir(out)
     model.peft_config["default"].base_model_name_or_path = loaded.base_path
-    adapter_tmp = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=out))
-    model.save_pretrained(adapter_tmp)
-    atomic.write_json(adapter_tmp / "softprompt.json", {
+    rundir.write_adapter(model.save_pretrained, {
         "base_model": loaded.base_path, "tokenizer": loaded.tokenizer_path, "model": resolved(cfg.model),
         "peft": resolved(cfg.peft), "eval": resolved(cfg.eval), "metrics": metrics,
     })
-    _replace_dir(adapter_tmp, out / "adapter")
-    atomic.write_jsonl(out / "generations.jsonl", rows)
-    atomic.write_jsonl(out / "history.jsonl", history)
+    rundir.write_generations(rows)
+    rundir.write_history(history)
     if initial_prompt is not None:  # prompt tuning, p-tuning: what the learned prompt is close to
         prompt_tokens = interpret.nearest_tokens(soft_prompt_embeddings(model), model.get_input_embeddings().weight,
                                                  tokenizer, cfg.eval.nearest_tokens, initial=initial_prompt)
-        interpret.write_jsonl(out / "prompt_tokens.jsonl", prompt_tokens)
+        rundir.write_prompt_tokens(prompt_tokens)
         tracker.log_table(interpret.TABLE_KEY, interpret.TABLE_COLUMNS, interpret.table_rows(prompt_tokens))
     tracker.log_table(keys.GENERATIONS_TABLE, ["prompt", "reference", "base", "tuned"],
                       [[r["prompt"], r.get("reference", ""), r["base"], r["tuned"]] for r in rows])
-    tracker.log_adapter(out / "adapter", name=f"adapter-{cfg.model.name}-{cfg.dataset.name}", metadata={
+    tracker.log_adapter(rundir.adapter, name=f"adapter-{cfg.model.name}-{cfg.dataset.name}", metadata={
         "base_model": cfg.model.name_or_path, "base_model_path": loaded.base_path, "peft_method": cfg.peft.method,
         "num_virtual_tokens": cfg.peft.num_virtual_tokens, **metrics})
-    atomic.write_json(out / "metrics.json", metrics)
+    rundir.finish(metrics)
     return metrics
 
 
@@ -236,15 +232,3 @@ class _LogToTracker(TrainerCallback):
         if values:
             self.tracker.log(values | {keys.TRAIN_STEP: state.global_step, keys.EPOCH: state.epoch})
 
-
-# --- atomic writes -------------------------------------------------------------------------------
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
