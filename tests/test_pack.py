@@ -224,6 +224,17 @@ def test_auto_times_both_ways_and_moves_nothing():
         assert lane.optimizer.state_dict()["state"] == {}  # no optimizer step was taken
 
 
+def test_a_diverging_job_fails_alone_and_the_pack_goes_on(tmp_path):
+    # lr 1e38 turns the prompt into inf after one step: the next loss is NaN
+    dirs, members, _ = _packed(tmp_path, "nan", [["training.learning_rate=1e38", "peft.init=random",
+                                                  "training.epochs=2"],
+                                                 ["training.epochs=2", "peft.num_virtual_tokens=2"]])
+    assert [m.state for m in members] == ["failed", "finished"]
+    assert members[0].error.startswith("training loss became nan at step 2")
+    assert RunDir(dirs[0]).failed.is_file() and not RunDir(dirs[0]).finished
+    assert RunDir(dirs[1]).read_metrics()[keys.TRAIN_STEPS] == 4
+
+
 # --- wiring: scripts/sweep.py and the packed Hydra launcher ----------------------------------------------
 
 
@@ -256,12 +267,12 @@ def test_sweep_trains_a_grid_as_one_pack_with_a_run_dir_per_point(tmp_path):
 
 
 def test_packed_hydra_launcher_gives_each_job_its_hydra_dir(tmp_path):
-    result = run_cli(["-m", "hydra/launcher=packed", *FAST, "training.lr_scheduler=constant",
-                      "peft.num_virtual_tokens=1,2", "training.epochs=1,2", f"hydra.sweep.dir={tmp_path}"])
+    result = run_cli(["-m", "hydra/launcher=packed", *FAST, "training.lr_scheduler=wsd", "training.epochs=1,2",
+                      f"hydra.sweep.dir={tmp_path}"])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert _finished_dirs(tmp_path) == [tmp_path / str(i) for i in range(4)]
-    for i in range(4):
-        assert RunDir(tmp_path / str(i)).hydra_config.is_file()
-        config = RunDir(tmp_path / str(i)).read_config()
-        assert config["pack"]["jobs"] == 4
-    assert "4 jobs, 2 trunks (2 shared" in result.stdout + result.stderr
+    assert "2 jobs, 1 trunk (1 shared; lengths 1,2)" in result.stdout + result.stderr
+    assert _finished_dirs(tmp_path) == [tmp_path / "0", tmp_path / "1"]
+    for i, steps in ((0, 2), (1, 4)):
+        run = RunDir(tmp_path / str(i))
+        assert run.hydra_config.is_file() and run.read_metrics()[keys.TRAIN_STEPS] == steps
+        assert run.read_config()["trunk"]["steps"] == [2, 4]
