@@ -161,7 +161,7 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
                         "unfinished jobs alone (scripts/sweep.py --no-share, or hydra/launcher=basic)")
     if first.training.num_threads:
         torch.set_num_threads(first.training.num_threads)
-    forward = first.training.get("pack_forward", "auto")
+    forward = first.training.pack_forward
     precision = resolve_precision(first.training.precision)
     wandb_mode = resolve_mode(first.wandb.mode)
 
@@ -261,11 +261,19 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
         for lane in list(lanes):
             per_epoch = per_epoch_of(lane, settings)
             done = [m for m in lane.members if m.total == step]
-            if step % per_epoch == 0 or done:
-                if first.eval.per_epoch:
-                    _epoch_eval(lane, step, per_epoch, first)
+            end_of_epoch, last_row = step % per_epoch == 0, []
+            if first.eval.per_epoch and (end_of_epoch or done):  # as a standalone run: each epoch and its end
+                row = _epoch_eval(lane, step, per_epoch, first)
+                if end_of_epoch:
+                    lane.history.append(row)
+                    for m in lane.members:
+                        m.rows.append(row)
+                else:  # a job that ends mid-epoch (max_steps): its own last evaluation, not the trunk's
+                    last_row = [row]
+                    for m in done:
+                        m.rows.append(row)
             for m in done:
-                m.history = list(lane.history)
+                m.history = lane.history + last_row
                 _finish(m, lane, loaded, precision, started, real_tokens, first_step, forward, wandb_mode, log)
                 lane.members.remove(m)
             if not lane.members:
@@ -425,17 +433,14 @@ def _optimizer_step(lane: Lane, step: int, value: float, logging_steps: int, per
         lane.since_log = [0.0, 0]
 
 
-def _epoch_eval(lane: Lane, step: int, per_epoch: int, cfg: DictConfig) -> None:
+def _epoch_eval(lane: Lane, step: int, per_epoch: int, cfg: DictConfig) -> dict[str, Any]:
+    """The lane's held-out perplexity now, as a history row (the loop's per-epoch evaluation)."""
     result = perplexity(lane.model, lane.data.val_rows, _pad_id(lane), cfg.eval.batch_size * 2,
                         virtual_tokens_in_logits(lane.model))
     lane.last_eval = (step, result)
     epoch, batch = divmod(step - 1, per_epoch)
-    row = {keys.EPOCH: round(epoch + (batch + 1) / per_epoch, 4), keys.TRAIN_STEP: step, keys.EVAL_LOSS: result.loss,
-           keys.EVAL_PERPLEXITY: result.perplexity,
-           keys.EVAL_BASE_PERPLEXITY: lane.data.base.perplexity.perplexity}
-    lane.history.append(row)
-    for m in lane.members:
-        m.rows.append(row)
+    return {keys.EPOCH: round(epoch + (batch + 1) / per_epoch, 4), keys.TRAIN_STEP: step, keys.EVAL_LOSS: result.loss,
+            keys.EVAL_PERPLEXITY: result.perplexity, keys.EVAL_BASE_PERPLEXITY: lane.data.base.perplexity.perplexity}
 
 
 def _pad_id(lane: Lane) -> int:
