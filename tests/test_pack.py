@@ -39,12 +39,12 @@ def _alone(tmp: Path, name: str, overrides: list[str]) -> tuple[Path, dict]:
     return out, run(compose(FAST + overrides), run_dir=out)
 
 
-def _packed(tmp: Path, name: str, jobs: list[list[str]], forward: str = "turns"):
+def _packed(tmp: Path, name: str, jobs: list[list[str]], forward: str = "turns", dirs: list[Path] | None = None):
     from softprompt.train.pack import run_pack
     from softprompt.train.planner import plan
 
     configs = [compose(FAST + o + [f"training.pack_forward={forward}"]) for o in jobs]
-    dirs = [tmp / f"{name}-{i}" for i in range(len(jobs))]
+    dirs = dirs or [tmp / f"{name}-{i}" for i in range(len(jobs))]
     (pack,) = plan(configs)
     members = run_pack(configs, dirs, [t.jobs for t in pack.trunks])
     return dirs, members, pack
@@ -233,6 +233,66 @@ def test_a_diverging_job_fails_alone_and_the_pack_goes_on(tmp_path):
     assert members[0].error.startswith("training loss became nan at step 2")
     assert RunDir(dirs[0]).failed.is_file() and not RunDir(dirs[0]).finished
     assert RunDir(dirs[1]).read_metrics()[keys.TRAIN_STEPS] == 4
+
+
+# a pack in a child process, so that a test can SIGKILL it: argv = JSON overrides per job, JSON run dirs
+CHILD = """
+import json, sys
+from hydra import compose, initialize_config_dir
+from softprompt.core.config import CONF_DIR, register_schema
+from softprompt.train.pack import run_pack
+from softprompt.train.planner import plan
+register_schema()
+with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    configs = [compose(config_name="config", overrides=o) for o in json.loads(sys.argv[1])]
+(pack,) = plan(configs)
+run_pack(configs, json.loads(sys.argv[2]), [t.jobs for t in pack.trunks])
+"""
+
+
+def test_sigkill_during_a_pack_then_resume_continues_every_job_exactly(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from conftest import child_env
+
+    from softprompt.train import checkpoints
+    from softprompt.train.pack import PACK_CHECKPOINTS
+
+    # a constant trunk (2, 3 epochs) and a wsd job of another prompt length: 6 steps, checkpoints per epoch
+    jobs = [["training.lr_scheduler=constant", "training.epochs=2"],
+            ["training.lr_scheduler=constant", "training.epochs=3"],
+            ["training.lr_scheduler=wsd", "training.epochs=3", "peft.num_virtual_tokens=2"]]
+    jobs = [j + ["training.save_every_epoch=true"] for j in jobs]
+    ref_dirs, reference, _ = _packed(tmp_path / "ref", "ref", jobs)
+
+    dirs = [tmp_path / "killed" / f"job-{i}" for i in range(len(jobs))]
+    root = RunDir(dirs[0]).checkpoints / PACK_CHECKPOINTS
+    overrides = [FAST + j + ["training.pack_forward=turns"] for j in jobs]
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(overrides), json.dumps([str(d) for d in dirs])],
+                            env=child_env({"SOFTPROMPT_TEST_STEP_DELAY": "1.5"}), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while checkpoints.latest_checkpoint(root) is None:  # the end of epoch 1 (step 2)
+        assert proc.poll() is None, f"the pack ended before the kill point: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "kill point not reached in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not any(RunDir(d).finished for d in dirs)
+
+    _, resumed, _ = _packed(tmp_path, "", [j + ["training.resume=true"] for j in jobs], dirs=dirs)
+    for out, mine, ref_dir, theirs in zip(dirs, resumed, ref_dirs, reference):
+        assert mine.metrics[keys.TRAIN_RESUMED_FROM_STEP] >= 2  # continued, not started over
+        assert mine.metrics[keys.EVAL_PERPLEXITY] == pytest.approx(theirs.metrics[keys.EVAL_PERPLEXITY], rel=1e-5)
+        assert mine.metrics[keys.TRAIN_LOSS] == pytest.approx(theirs.metrics[keys.TRAIN_LOSS], rel=1e-5)
+        torch.testing.assert_close(_prompt(out), _prompt(ref_dir), rtol=0, atol=1e-5)
+        assert [r[keys.EPOCH] for r in RunDir(out).read_history()] == [r[keys.EPOCH] for r in
+                                                                       RunDir(ref_dir).read_history()]
 
 
 # --- wiring: scripts/sweep.py and the packed Hydra launcher ----------------------------------------------

@@ -57,6 +57,7 @@ from softprompt.models.fast_loss import prompt_tuning_loss, supports_fast_loss
 from softprompt.models.loading import load_model
 from softprompt.models.methods import virtual_tokens_in_logits, wrap
 from softprompt.track.wandb_run import resolve_mode, run_name
+from softprompt.train import checkpoints
 from softprompt.train.batches import PaddingCollator, epoch_batches, steps_per_epoch
 from softprompt.train.precision import resolve_precision
 from softprompt.train.schedules import Schedule
@@ -65,6 +66,7 @@ CALIBRATION_ROUNDS = 1  # timed rounds per way, after one untimed round each (fi
 # auto: below this many steps in a pack's longest lane, timing both ways (4 steps' worth) would cost
 # more than the faster one could save; such packs step in turns
 CALIBRATION_MIN_STEPS = 20
+PACK_CHECKPOINTS = "pack"  # under the first job's checkpoints/: the pack's atomic checkpoints
 
 
 # --- what the jobs share -------------------------------------------------------------------------
@@ -124,6 +126,7 @@ class Lane:
     seed: int
     max_grad_norm: float
     fast_loss: bool
+    made_from: int = 0  # the member whose settings (and seed) built it: a trunk's longest job, a branch's job
     start: int = 0  # the step it begins at (a branch begins where it leaves its trunk)
     loss_sum: float = 0.0
     since_log: list[float] = field(default_factory=lambda: [0.0, 0])
@@ -156,9 +159,10 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
     for cfg in configs:
         preflight.check(cfg)
     first = configs[0]
-    if any(c.training.resume for c in configs) and len(configs) > 1:
-        raise UserError("training.resume=true is not supported for a pack of several jobs yet; rerun the "
-                        "unfinished jobs alone (scripts/sweep.py --no-share, or hydra/launcher=basic)")
+    # a pack's checkpoints live in its first job's run dir (the planner puts the same jobs in the same
+    # order into a pack again; resume checks that it did)
+    checkpoint_root = RunDir(run_dirs[0]).checkpoints / PACK_CHECKPOINTS
+    saved = _resume_point(first, checkpoint_root, run_dirs)
     if first.training.num_threads:
         torch.set_num_threads(first.training.num_threads)
     forward = first.training.pack_forward
@@ -172,10 +176,12 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
         if cfg.seed not in data_by_seed:
             data_by_seed[cfg.seed] = _load_data(cfg, loaded)
     members = []
+    done_before = {i for i, m in enumerate(saved.state["members"]) if m["state"] != "pending"} if saved else set()
     for i, (cfg, out) in enumerate(zip(configs, run_dirs)):
         out = Path(out)
-        RunDir(out).start()  # a rerun in the same dir is not finished yet
-        RunDir(out).failed.unlink(missing_ok=True)
+        if i not in done_before:
+            RunDir(out).start()  # a rerun in the same dir is not finished yet
+            RunDir(out).failed.unlink(missing_ok=True)
         data = data_by_seed[cfg.seed]
         per_epoch = steps_per_epoch(len(data.train_rows), cfg.training.batch_size)
         total = cfg.training.max_steps or cfg.training.epochs * per_epoch
@@ -190,13 +196,18 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
             m.leave_at = _leave_at(m)
         for m in group:  # the steps it trains together with another job of its trunk
             m.trunk_steps = max((min(o.leave_at, m.leave_at) for o in group if o is not m), default=0)
-        lanes.append(_new_lane(longest.cfg, loaded, longest.data, group, longest.total))
+        if saved is None:
+            lanes.append(_new_lane(longest.cfg, loaded, longest.data, group, longest.total, made_from=longest.index))
+    step = 0
+    if saved is not None:
+        step, lanes = _restore(saved, members, loaded)
+        forward = saved.state["forward"]  # the way the first attempt chose: no second calibration
 
     concat_ok = len(lanes) > 1 and all(l.fast_loss for l in lanes)
     if forward == "concat" and not concat_ok:
         log("pack: training.pack_forward=concat needs prompt tuning or p-tuning on a supported model in every "
             "job and more than one lane; stepping in turns")
-    calibration = None
+    calibration = saved.state.get("calibration_s") if saved else None
     if forward == "auto":
         forward = "turns"
         if concat_ok and max(l.end for l in lanes) >= CALIBRATION_MIN_STEPS:
@@ -206,27 +217,32 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
 
     pack_info = {"jobs": len(configs), "trunks": len(trunks), "forward": forward,
                  "calibration_s": calibration, "members": [str(Path(d).name) for d in run_dirs]}
-    for lane in lanes:
-        lengths = [m.total for m in lane.members]
-        for m in lane.members:
+    for trunk in trunks:
+        group = [members[i] for i in trunk]
+        lengths = [m.total for m in group]
+        for m in group:
             m.config = resolved(m.cfg) | {
                 "data": {"fingerprint": m.data.splits.fingerprint(), "source": m.data.splits.source,
                          "train_rows": len(m.data.train_rows), "validation_rows": len(m.data.val_rows)},
                 "provenance": provenance(),
                 "pack": pack_info | {"index": m.index},
                 "trunk": {"steps": lengths, "leaves_at_step": m.leave_at,
-                          "branch": m.leave_at < m.total, "shared_with": [x.out.name for x in lane.members]}}
-            RunDir(m.out).write_config(m.config)
+                          "branch": m.leave_at < m.total, "shared_with": [x.out.name for x in group]}}
+            if m.state == "pending":
+                RunDir(m.out).write_config(m.config)
 
     # --- train: every lane one step at a time, in lock-step ------------------------------------
     settings = first.training
     collate = PaddingCollator(loaded.tokenizer.pad_token_id)
-    work = sum(l.end for l in lanes) + sum(m.total - m.leave_at for m in members)
+    work = sum(l.end - max(l.start, step) for l in lanes) + sum(
+        m.total - max(m.leave_at, step) for m in members if m.state == "pending" and m.leave_at < m.total)
     bar = _progress(work, lanes, configs)
     started = time.perf_counter()
     real_tokens = 0
-    step = 0
+    resumed_from = step
     first_step = None
+    delay = checkpoints.step_delay_for_tests()
+    save_every = first.training.save_steps
     orders: dict[tuple[int, int], list[list[int]]] = {}
     while lanes:
         # members that leave their lane now: a wsd job whose own decay starts at this step
@@ -257,6 +273,8 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
         if first_step is None:
             first_step = time.time() - pack_start
         bar.update(len(lanes))
+        if delay:
+            time.sleep(delay)  # test-only: slows a tiny pack so a test can kill it on time
         # evaluations and finished jobs
         for lane in list(lanes):
             per_epoch = per_epoch_of(lane, settings)
@@ -274,10 +292,15 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
                         m.rows.append(row)
             for m in done:
                 m.history = lane.history + last_row
-                _finish(m, lane, loaded, precision, started, real_tokens, first_step, forward, wandb_mode, log)
+                _finish(m, lane, loaded, precision, started, real_tokens, first_step, forward, wandb_mode, log,
+                        resumed_from)
                 lane.members.remove(m)
             if not lane.members:
                 lanes.remove(lane)
+        # checkpoints as a standalone run writes them: each epoch's end (and every save_steps)
+        end_of_epoch = step % steps_per_epoch(len(members[0].data.train_rows), settings.batch_size) == 0
+        if lanes and ((first.training.save_every_epoch and end_of_epoch) or (save_every and step % save_every == 0)):
+            _save(checkpoint_root, step, lanes, members, forward, calibration)
     bar.close()
     return members
 
@@ -314,7 +337,7 @@ def _load_data(cfg: DictConfig, loaded) -> Data:
     return Data(splits, train_rows, val_rows, train_ppl_rows, prompts, base, cached, seconds)
 
 
-def _new_lane(cfg: DictConfig, loaded, data: Data, members: list[Member], total: int) -> Lane:
+def _new_lane(cfg: DictConfig, loaded, data: Data, members: list[Member], total: int, made_from: int = 0) -> Lane:
     from softprompt.models.methods import soft_prompt_embeddings
 
     # a standalone run seeds everything with its seed before it wraps the base (a random prompt
@@ -329,14 +352,14 @@ def _new_lane(cfg: DictConfig, loaded, data: Data, members: list[Member], total:
     initial = soft_prompt_embeddings(model)
     return Lane(model=model, optimizer=optimizer,
                 schedule=Schedule(t.lr_scheduler, t.learning_rate, total, t.warmup_steps, t.decay_fraction),
-                members=members, data=data, seed=cfg.seed, max_grad_norm=t.max_grad_norm,
+                members=members, data=data, seed=cfg.seed, max_grad_norm=t.max_grad_norm, made_from=made_from,
                 fast_loss=bool(t.fast_loss) and supports_fast_loss(model),
                 initial_prompt=initial.clone() if initial is not None else None)
 
 
 def _branch(trunk: Lane, m: Member, loaded) -> Lane:
     """A copy of the trunk's state (prompt, optimizer, loss sums, curve) with `m`'s own schedule."""
-    lane = _new_lane(m.cfg, loaded, trunk.data, [m], m.total)
+    lane = _new_lane(m.cfg, loaded, trunk.data, [m], m.total, made_from=m.index)
     with torch.no_grad():
         for mine, theirs in zip(lane.trainable(), trunk.trainable(), strict=True):
             mine.copy_(theirs)
@@ -345,6 +368,67 @@ def _branch(trunk: Lane, m: Member, loaded) -> Lane:
     lane.history, lane.last_eval, lane.initial_prompt = list(trunk.history), trunk.last_eval, trunk.initial_prompt
     m.rows = list(m.rows)
     return lane
+
+
+# --- checkpoints: SIGKILL + training.resume=true continues every unfinished job -----------------
+
+
+def _resume_point(cfg: DictConfig, root: Path, run_dirs: list) -> Any:
+    """The pack's latest complete checkpoint when resuming (None: start at step 0)."""
+    if not cfg.training.resume:
+        if root.exists():
+            checkpoints.clear(root)
+        return None
+    checkpoints.remove_staging(root)
+    latest = checkpoints.latest_checkpoint(root)
+    if latest is None:
+        return None
+    saved = checkpoints.load(latest)
+    if saved.state["dirs"] != [Path(d).name for d in run_dirs]:
+        raise UserError(f"training.resume=true: the pack checkpointed in {root} held the jobs "
+                        f"{saved.state['dirs']}, this pack holds {[Path(d).name for d in run_dirs]}; rerun the "
+                        "same sweep command, or without training.resume to start over")
+    return saved
+
+
+def _save(root: Path, step: int, lanes: list[Lane], members: list[Member], forward: str,
+          calibration: dict[str, float] | None) -> None:
+    state = {
+        "step": step, "forward": forward, "calibration_s": calibration, "dirs": [m.out.name for m in members],
+        "members": [{"state": m.state, "error": m.error, "rows": m.rows} for m in members],
+        "lanes": [{"members": [m.index for m in lane.members], "made_from": lane.made_from, "total": lane.end,
+                   "start": lane.start, "loss_sum": lane.loss_sum, "since_log": lane.since_log,
+                   "history": lane.history,
+                   "last_eval": [lane.last_eval[0], lane.last_eval[1].as_dict()] if lane.last_eval else None}
+                  for lane in lanes],
+    }
+    checkpoints.save(root, step, checkpoints.Checkpoint(
+        state=state, prompts=[{n: p.detach().cpu() for n, p in lane.model.named_parameters() if p.requires_grad}
+                              for lane in lanes],
+        optimizers=[lane.optimizer.state_dict() for lane in lanes]))
+
+
+def _restore(saved, members: list[Member], loaded) -> tuple[int, list[Lane]]:
+    for m, state in zip(members, saved.state["members"], strict=True):
+        m.state, m.error, m.rows = state["state"], state["error"], list(state["rows"])
+        if m.state == "finished":
+            m.metrics = RunDir(m.out).read_metrics()
+    lanes = []
+    for state, prompt, optimizer in zip(saved.state["lanes"], saved.prompts, saved.optimizers, strict=True):
+        owner = members[state["made_from"]]
+        lane = _new_lane(owner.cfg, loaded, owner.data, [members[i] for i in state["members"]], state["total"],
+                         made_from=owner.index)
+        with torch.no_grad():
+            for name, param in lane.model.named_parameters():
+                if param.requires_grad:
+                    param.copy_(prompt[name])
+        lane.optimizer.load_state_dict(optimizer)
+        lane.start, lane.loss_sum, lane.since_log = state["start"], state["loss_sum"], list(state["since_log"])
+        lane.history = list(state["history"])
+        if state["last_eval"]:
+            lane.last_eval = (state["last_eval"][0], PerplexityResult(**state["last_eval"][1]))
+        lanes.append(lane)
+    return saved.state["step"], lanes
 
 
 # --- one step ------------------------------------------------------------------------------------
@@ -480,7 +564,7 @@ def _calibrate(lanes: list[Lane], loaded, precision: str, log) -> tuple[str, dic
 
 
 def _finish(m: Member, lane: Lane, loaded, precision: str, started: float, real_tokens: int,
-            first_step: float | None, forward: str, wandb_mode: str, log) -> None:
+            first_step: float | None, forward: str, wandb_mode: str, log, resumed_from: int) -> None:
     """Evaluate the lane's prompt as it is now (this job's last step) and write the job's run."""
     from softprompt.train.outputs import write_run
 
@@ -497,7 +581,7 @@ def _finish(m: Member, lane: Lane, loaded, precision: str, started: float, real_
                keys.TRAIN_STEPS: m.total, keys.TRAIN_RUNTIME_S: seconds,
                keys.TRAIN_TOKENS_PER_SECOND: real_tokens / seconds, keys.TRAIN_PRECISION: precision,
                keys.TRAIN_TIME_TO_FIRST_STEP_S: first_step,
-               keys.TRAIN_RESUMED_FROM_STEP: 0} | extra)
+               keys.TRAIN_RESUMED_FROM_STEP: resumed_from} | extra)
     m.state = "finished"
     log(f"pack: {m.out.name} finished: {keys.EVAL_PERPLEXITY} {m.metrics[keys.EVAL_PERPLEXITY]:.4f}")
 
