@@ -22,6 +22,7 @@ from typing import Any
 import softprompt
 from softprompt.core import keys
 from softprompt.core.errors import UserError
+from softprompt.core.rundir import RunDir
 
 MODES = (("shared", True), ("alone", False))
 
@@ -48,8 +49,8 @@ def bench_sweep(sweep_file: str, overrides: list[str], root: str | Path | None =
         state = json.loads((sweep_dir / "sweep.json").read_text())
         jobs = {}
         for job in state["jobs"]:
-            metrics_file = sweep_dir / job["dir"] / "metrics.json"
-            metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+            run = RunDir(sweep_dir / job["dir"])
+            metrics = run.read_metrics() if run.finished else {}
             jobs[json.dumps(job["values"], sort_keys=True)] = job | {"metrics": metrics}
         modes[mode] = {"wall_s": seconds, "dir": str(sweep_dir), "jobs": jobs}
         log(f"[bench] {mode}: {len(jobs)} jobs in {seconds:.1f} s ({sweep_dir})")
