@@ -324,6 +324,9 @@ def test_sweep_trains_a_grid_as_one_pack_with_a_run_dir_per_point(tmp_path):
         assert list((job.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))  # its own W&B run
     state = json.loads((sweep_dir / SWEEP_STATE).read_text())
     assert [j["state"] for j in state["jobs"]] == ["finished"] * 4
+    split = state["jobs"][0]["pack"]  # the pack's wall time, split into its parts
+    assert split["jobs"] == [0, 1, 2, 3] and split["train_s"] > 0 and split["eval_s"] > 0
+    assert split["total_s"] == pytest.approx(split["setup_s"] + split["train_s"] + split["eval_s"], abs=0.05)
 
 
 def test_packed_hydra_launcher_gives_each_job_its_hydra_dir(tmp_path):

@@ -61,6 +61,7 @@ class Job:
     history: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
+    pack: dict[str, Any] | None = None  # the pack it trained in: its jobs and wall time split (None: alone)
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -315,6 +316,7 @@ def _run_pack(jobs: list[Job], configs: list, trunks: list[list[int]]) -> None:
     seconds = time.perf_counter() - t0
     for job, member in zip(jobs, members):
         job.state, job.error, job.metrics = member.state, member.error, member.metrics
+        job.pack = {"jobs": [j.index for j in jobs]} | member.pack_seconds
         job.history = RunDir(job.run_dir).read_history() if member.state == "finished" else []
     for job in jobs:
         job.seconds = seconds  # the pack's wall time: its jobs trained together
@@ -333,7 +335,8 @@ def _write_state(sweep_dir: Path, sweep: Sweep, sweep_id: str, extra: list[str],
         "run_cap": sweep.run_cap, "overrides": list(extra), "wall_s": round(seconds, 2),
         "jobs": [{"index": j.index, "dir": j.run_dir.name, "values": j.values, "state": j.state,
                   "seconds": round(j.seconds, 2), "error": j.error,
-                  "metric": j.metrics.get((sweep.metric or {}).get("name", keys.EVAL_PERPLEXITY))} for j in jobs],
+                  "metric": j.metrics.get((sweep.metric or {}).get("name", keys.EVAL_PERPLEXITY)),
+                  **({"pack": j.pack} if j.pack else {})} for j in jobs],
     }
     atomic.write_json(sweep_dir / SWEEP_STATE, state)
 

@@ -112,6 +112,7 @@ class Member:
     error: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     trunk_steps: int = 0  # steps it shared with other jobs (trained once for all of them)
+    pack_seconds: dict[str, float] = field(default_factory=dict)  # the whole pack's wall time, split
 
 
 @dataclass
@@ -238,6 +239,7 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
         m.total - max(m.leave_at, step) for m in members if m.state == "pending" and m.leave_at < m.total)
     bar = _progress(work, lanes, configs)
     started = time.perf_counter()
+    setup_s, eval_s = time.time() - pack_start, 0.0
     real_tokens = 0
     resumed_from = step
     first_step = None
@@ -281,7 +283,9 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
             done = [m for m in lane.members if m.total == step]
             end_of_epoch, last_row = step % per_epoch == 0, []
             if first.eval.per_epoch and (end_of_epoch or done):  # as a standalone run: each epoch and its end
+                t0 = time.perf_counter()
                 row = _epoch_eval(lane, step, per_epoch, first)
+                eval_s += time.perf_counter() - t0
                 if end_of_epoch:
                     lane.history.append(row)
                     for m in lane.members:
@@ -292,8 +296,10 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
                         m.rows.append(row)
             for m in done:
                 m.history = lane.history + last_row
+                t0 = time.perf_counter()
                 _finish(m, lane, loaded, precision, started, real_tokens, first_step, forward, wandb_mode, log,
                         resumed_from)
+                eval_s += time.perf_counter() - t0
                 lane.members.remove(m)
             if not lane.members:
                 lanes.remove(lane)
@@ -302,6 +308,15 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
         if lanes and ((first.training.save_every_epoch and end_of_epoch) or (save_every and step % save_every == 0)):
             _save(checkpoint_root, step, lanes, members, forward, calibration)
     bar.close()
+    total_s = time.time() - pack_start
+    # evaluation: per-epoch held-out perplexity and each job's final evaluation, generation and writes
+    times = {"total_s": round(total_s, 2), "setup_s": round(setup_s, 2), "eval_s": round(eval_s, 2),
+             "train_s": round(total_s - setup_s - eval_s, 2),
+             "base_eval_s": round(sum(d.base_seconds for d in data_by_seed.values()), 2)}
+    for m in members:
+        m.pack_seconds = times
+    log(f"pack: {len(members)} jobs in {total_s:.1f} s: set-up {setup_s:.1f} s (base evaluation "
+        f"{times['base_eval_s']:.1f} s), training {times['train_s']:.1f} s, evaluation {eval_s:.1f} s")
     return members
 
 

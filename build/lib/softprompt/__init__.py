@@ -1,0 +1,1 @@
+"""softprompt: prompt tuning of causal LMs."""

@@ -1,0 +1,98 @@
+"""The Hydra entrypoint: a thin wrapper around `softprompt.train.run.run`.
+
+Expected failures, Hydra's own composition errors included, end as one `error: ...` line and exit
+status 2; anything unexpected keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from softprompt.core.config import CONF_DIR, register_schema
+from softprompt.core.errors import UserError, report_and_exit
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        # the cheap checks first: a bad value fails in about a second, before torch is imported
+        from softprompt.train import preflight
+
+        preflight.check(cfg)
+        from softprompt.train.run import run
+
+        metrics = run(cfg)
+    except UserError as exc:
+        report_and_exit(str(exc))
+    except Exception as exc:
+        # an OmegaConf/Hydra exception raised inside the job is a bug in our code (traceback);
+        # one raised outside it is Hydra composing the user's command line (an `error:` line)
+        exc.softprompt_in_job = True  # type: ignore[attr-defined]
+        raise
+    # returned so that Hydra sweepers that optimise a value (e.g. Optuna) can read it
+    return metrics.get("eval/perplexity")
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(exc, UserError):
+        return True
+    in_job = getattr(exc, "softprompt_in_job", False)
+    return not in_job and isinstance(exc, (HydraException, OmegaConfBaseException))
+
+
+def _check_arguments() -> None:
+    """Hydra's own argument parser, but a usage error is one `error:` line like every other."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def error(message: str) -> None:
+        report_and_exit(f"{message}; flags such as -m go before the overrides "
+                        "(python train.py [-m] key=value ...), see python train.py --help")
+
+    parser.error = error  # type: ignore[method-assign]
+    parser.parse_args()
+
+
+def main() -> None:
+    register_schema()
+    # Hydra prints composition errors itself and exits 1; with HYDRA_FULL_ERROR it re-raises
+    # them, so we can report them as user errors (exit 2) and keep tracebacks for real bugs.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    _check_arguments()
+    try:
+        _hydra_main()
+    except Exception as exc:  # noqa: BLE001 - re-raised below unless the user can fix it
+        if _is_user_error(exc):
+            report_and_exit(_one_line(exc))
+        raise
+
+
+def _one_line(exc: BaseException) -> str:
+    """Hydra/OmegaConf messages span lines ("In 'training/default': ... composing config:" then
+    the reason, then `full_key:` details); keep the lines that say what is wrong."""
+    parts: list[str] = []
+    for source in (exc, exc.__cause__):
+        if source is None:
+            continue
+        for line in str(source).strip().splitlines():
+            line = line.strip()
+            if line.startswith("Config search path"):
+                break  # what follows is Hydra's search path, not the problem
+            if not line or line.startswith(("full_key:", "object_type", "reference_type")):
+                continue
+            if line not in parts:
+                parts.append(line)
+    return " ".join(parts) or type(exc).__name__
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,74 @@
+"""Names of the metrics and config keys that training logs and that reports and dashboards read.
+
+One place, so that renaming a key cannot silently break the report or the W&B dashboard.
+"""
+
+# metrics.json / W&B summary
+EVAL_PERPLEXITY = "eval/perplexity"
+EVAL_BASE_PERPLEXITY = "eval/base_perplexity"
+EVAL_LOSS = "eval/loss"
+EVAL_BASE_LOSS = "eval/base_loss"
+EVAL_TOKENS = "eval/tokens"
+EVAL_PPL_RATIO = "eval/perplexity_ratio"  # tuned / base: < 1 means the prompt helped
+TRAIN_LOSS = "train/loss"
+TRAIN_EPOCHS = "train/epochs"
+TRAIN_STEPS = "train/steps"
+TRAIN_RUNTIME_S = "train/runtime_s"
+TRAIN_TOKENS_PER_SECOND = "train/tokens_per_second"  # real (non-pad, non-virtual) tokens
+TRAIN_TIME_TO_FIRST_STEP_S = "train/time_to_first_step_s"  # from process start
+TRAIN_TRAINABLE_PARAMS = "train/trainable_params"
+TRAIN_TOTAL_PARAMS = "train/total_params"
+TRAIN_PRECISION = "train/precision"
+TRAIN_RESUMED_FROM_STEP = "train/resumed_from_step"  # 0 unless training.resume continued a checkpoint
+PEFT_NUM_VIRTUAL_TOKENS = "peft/num_virtual_tokens"
+EVAL_RUNTIME_S = "eval/runtime_s"  # evaluation time this run spent (base + tuned)
+EVAL_BASE_RUNTIME_S = "eval/base_runtime_s"  # base evaluation time this run spent (~0 on a cache hit)
+EVAL_BASE_COMPUTE_S = "eval/base_compute_s"  # what the base evaluation cost when it was computed
+EVAL_TUNED_RUNTIME_S = "eval/tuned_runtime_s"
+EVAL_BASE_CACHED = "eval/base_cached"  # 1: the base evaluation came from the on-disk cache
+# perplexity on the first eval.train_perplexity_rows rows of the training split
+TRAIN_PERPLEXITY = "train/perplexity"
+TRAIN_BASE_PERPLEXITY = "train/base_perplexity"
+TRAIN_PERPLEXITY_TOKENS = "train/perplexity_tokens"
+# generation metrics on the held-out examples (softprompt.evaluation.gen_metrics): gen/{base,tuned}_{metric}
+GEN_EXAMPLES = "gen/examples"
+GEN_METRICS = ("rougeL", "distinct2", "repetition", "length_words")
+
+
+def gen_key(model: str, metric: str) -> str:
+    """e.g. gen_key("tuned", "rougeL") -> "gen/tuned_rougeL"."""
+    return f"gen/{model}_{metric}"
+
+
+# history (W&B curves); the x-axis of per-epoch curves is "epoch"
+EPOCH = "epoch"
+TRAIN_LEARNING_RATE = "train/learning_rate"
+TRAIN_GRAD_NORM = "train/grad_norm"
+TRAIN_STEP = "train/global_step"
+
+# W&B tables
+GENERATIONS_TABLE = "eval/generations"
+
+# config keys the sweeps vary
+CFG_NUM_VIRTUAL_TOKENS = "peft.num_virtual_tokens"
+CFG_EPOCHS = "training.epochs"
+CFG_LEARNING_RATE = "training.learning_rate"
+CFG_INIT = "peft.init"
+CFG_PEFT_METHOD = "peft.method"
+
+REQUIRED_METRICS = (
+    EVAL_PERPLEXITY,
+    EVAL_BASE_PERPLEXITY,
+    EVAL_LOSS,
+    TRAIN_LOSS,
+    TRAIN_EPOCHS,
+    TRAIN_RUNTIME_S,
+    TRAIN_TOKENS_PER_SECOND,
+    TRAIN_TRAINABLE_PARAMS,
+    PEFT_NUM_VIRTUAL_TOKENS,
+)
+
+# packed sweeps (softprompt.train.pack): in metrics.json of a job trained in a pack
+PACK_JOBS = "pack/jobs"  # jobs trained together in its process
+PACK_FORWARD = "pack/forward"  # concat or turns: how the pack's rows went through the base model
+PACK_TRUNK_STEPS = "pack/trunk_steps"  # optimizer steps it shared with a job of another length

@@ -1,0 +1,291 @@
+"""Training/eval throughput of softprompt against the seed notebook's recipe, in one process.
+
+Both paths train the same model on the same rows with the same batch size and the same Trainer
+loop; what differs is what softprompt changed:
+- seed recipe: tokenizer(text) with no truncation (capped at `SEED_MAX_LENGTH`) and no EOS,
+  `DataCollatorForLanguageModeling(mlm=False)` (pads each random batch to its longest row),
+  PEFT's forward (logits on every position), fp32, 4 random virtual tokens, random order;
+- softprompt: `softprompt.data.loading.tokenize` (EOS, truncated to training.max_length),
+  `softprompt.train.trainer.build_trainer` (length-grouped batches, hidden-state loss, precision) on a
+  `softprompt.models.loading.load_model` model: exactly what `run.py` runs.
+
+Throughput counts real tokens only (non-pad, non-virtual): the tokens each path actually trained
+on. Truncation changes the work, so the rows' token totals differ and both are reported.
+Timing starts after a warm-up step. MFU is achieved model FLOP/s over a matmul peak measured in
+this process, in the dtype the matmuls run in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+SEED_MAX_LENGTH = 1024  # "no truncation" with a sane cap: the longest prompt CSV row is ~380 tokens
+FLOPS_FORMULA = ("4 * N per real token: forward 2N + backward 2N (activation gradients only; the base "
+                 "is frozen, so no weight gradients); N = matmul parameters = all parameters except the "
+                 "input embedding, plus the lm_head counted even when tied; attention-score FLOPs "
+                 "(~2-3 % at these lengths) and virtual-token positions are not counted")
+
+
+class StepClock(TrainerCallback):
+    """Wall time and real-token count at the end of every optimizer step."""
+
+    def __init__(self):
+        self.trainer = None
+        self.marks: list[tuple[float, int]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.marks.append((time.perf_counter(), self.trainer.real_tokens))
+
+
+def matmul_peak_flops(dtype: torch.dtype, size: int = 1536, seconds: float = 2.0) -> float:
+    """Best FLOP/s of a square matmul in `dtype`: the ceiling MFU is measured against."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def matmul_params(model) -> int:
+    """N of the FLOPs formula: every parameter but the input embedding, plus the lm_head."""
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    n = sum(p.numel() for p in model.parameters() if p is not embed)
+    return n + (head.numel() if head is embed else 0)
+
+
+def _timed_train(trainer, clock: StepClock, warmup_steps: int) -> dict:
+    clock.trainer = trainer
+    trainer.add_callback(clock)
+    trainer.train()
+    (t0, tok0), (t1, tok1) = clock.marks[warmup_steps - 1], clock.marks[-1]
+    steps = len(clock.marks) - warmup_steps
+    return {"tokens_per_s": (tok1 - tok0) / (t1 - t0), "real_tokens": tok1 - tok0, "seconds": t1 - t0,
+            "steps": steps, "seconds_per_step": (t1 - t0) / steps,
+            "warmup_step_s": clock.marks[warmup_steps - 1][0] - trainer.bench_start}
+
+
+def seed_recipe(cfg, texts: list[str], steps: int, warmup_steps: int, out_dir: Path) -> dict:
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+    from transformers import DataCollatorForLanguageModeling
+
+    from softprompt.models.loading import load_model
+    from softprompt.train.trainer import SoftpromptTrainer, training_arguments
+
+    loaded = load_model(cfg.model)
+    tokenizer = loaded.tokenizer
+    encoded = tokenizer(texts, truncation=True, max_length=SEED_MAX_LENGTH)
+    rows = [{"input_ids": i, "attention_mask": m} for i, m in zip(encoded["input_ids"], encoded["attention_mask"])]
+    model = get_peft_model(loaded.model, PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM, prompt_tuning_init=PromptTuningInit.RANDOM, num_virtual_tokens=4))
+    args = training_arguments(cfg, out_dir, "fp32")
+    args.train_sampling_strategy = "random"
+    args.max_steps = warmup_steps + steps
+    # SoftpromptTrainer with fast_loss off is the plain HF Trainer plus the real-token count
+    trainer = SoftpromptTrainer(model=model, args=args, train_dataset=rows,
+                                data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                                processing_class=tokenizer)
+    trainer.bench_start = time.perf_counter()
+    result = _timed_train(trainer, StepClock(), warmup_steps)
+    result["rows_tokens_total"] = sum(len(r["input_ids"]) for r in rows)
+    return result
+
+
+def softprompt_path(cfg, splits, steps: int, warmup_steps: int, out_dir: Path, precision: str):
+    from softprompt.data.loading import tokenize
+    from softprompt.models.loading import load_model
+    from softprompt.models.methods import virtual_tokens_in_logits, wrap
+    from softprompt.train.trainer import build_trainer
+
+    start = time.perf_counter()
+    loaded = load_model(cfg.model)
+    tokenizer_id = f"{cfg.model.source}:{loaded.tokenizer_path}"
+    rows = tokenize(splits.train, loaded.tokenizer, cfg.training.max_length, tokenizer_id)
+    val_rows = tokenize(splits.validation, loaded.tokenizer, cfg.training.max_length, tokenizer_id)
+    model = wrap(loaded.model, cfg.peft, loaded.tokenizer_path)
+    cfg.training.max_steps = warmup_steps + steps
+    trainer = build_trainer(model, loaded.tokenizer, rows, cfg, out_dir, precision, callbacks=[])
+    trainer.bench_start = start
+    result = _timed_train(trainer, StepClock(), warmup_steps)
+    result["rows_tokens_total"] = sum(len(r) for r in rows)
+    result["fast_loss"] = trainer.fast_loss
+    # the A/B check that a speed change does not cost quality: held-out perplexity after these steps
+    from softprompt.evaluation.perplexity import perplexity
+
+    result["heldout_perplexity_after"] = perplexity(model, val_rows, loaded.tokenizer.pad_token_id,
+                                                    cfg.training.eval_batch_size,
+                                                    virtual_tokens_in_logits(model)).perplexity
+    return result, loaded, model, val_rows, virtual_tokens_in_logits(model)
+
+
+def eval_and_generation(cfg, loaded, model, val_rows, n_virtual: int, splits, autocast_dtype) -> dict:
+    from softprompt.evaluation.evaluate import eval_prompts
+    from softprompt.evaluation.perplexity import perplexity
+    from softprompt.models.generation import GenerationSettings, generate
+    from softprompt.models.methods import soft_prompt_embeddings
+
+    start = time.perf_counter()
+    ppl = perplexity(model, val_rows, loaded.tokenizer.pad_token_id, cfg.training.eval_batch_size, n_virtual,
+                     autocast_dtype=autocast_dtype)
+    eval_s = time.perf_counter() - start
+    prompts = [p.prompt for p in eval_prompts(cfg.eval, splits.validation)]
+    start = time.perf_counter()
+    texts = generate(model.get_base_model(), loaded.tokenizer, prompts,
+                     GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens, repetition_penalty=1.5),
+                     soft_prompt=soft_prompt_embeddings(model), batch_size=cfg.eval.batch_size)
+    gen_s = time.perf_counter() - start
+    # generate() returns text; its length in tokens is re-measured by tokenizing it again
+    generated = sum(len(loaded.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    return {"eval_tokens_per_s": ppl.tokens / eval_s, "eval_tokens": ppl.tokens, "eval_perplexity": ppl.perplexity,
+            "generation_tokens_per_s": generated / gen_s, "generation_tokens": generated,
+            "generation_prompts": len(prompts)}
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return []
+    return sorted({f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")})
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="a conf/model option (tiny-llama for a quick check)")
+    p.add_argument("--data", default="bundled",
+                   help="'bundled' (the packaged prompts sample, 72 rows), or a local csv/json/jsonl/parquet "
+                        "file, e.g. path/to/awesome-chatgpt-prompts.csv (the figures in docs/speed.md)")
+    p.add_argument("--text-column", default="prompt")
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="timed steps after warm-up (default: one epoch)")
+    p.add_argument("--warmup-steps", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores)")
+    p.add_argument("--gen-tokens", type=int, default=32, help="max new tokens per prompt in the generation timing")
+    p.add_argument("--skip-seed", action="store_true", help="time softprompt's path only (per-change gains)")
+    p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Hydra override for softprompt's path, e.g. training.fast_loss=false")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="also time softprompt's path with these overrides (per-change gains), e.g. "
+                        "no_fast_loss:training.fast_loss=false")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    return p.parse_args(argv)
+
+
+def physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def main(argv=None) -> int:
+    """`python scripts/bench.py ...` / the console script softprompt-bench: prints the JSON.
+    With `--sweep SWEEP.yaml`: a sweep alone-per-job vs shared (softprompt.experiments.sweep_bench)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--sweep" or a.startswith("--sweep=") for a in args):
+        from softprompt.experiments.sweep_bench import main as sweep_main
+
+        return sweep_main(args)
+    measure(argv)
+    return 0
+
+
+def measure(argv=None) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("SOFTPROMPT_QUIET", "1")
+    args = parse_args(argv)
+    from hydra import compose, initialize_config_dir
+    from transformers import set_seed
+
+    from softprompt.core.config import CONF_DIR, validate
+    from softprompt.data.loading import load_splits
+    from softprompt.train.trainer import resolve_precision
+
+    threads = args.threads or physical_cores()
+    torch.set_num_threads(threads)
+    data = ["dataset=prompts_sample"] if args.data == "bundled" else [
+        f"dataset.path={args.data}", f"dataset.text_column={args.text_column}"]
+    overrides = [f"model={args.model}", *data, f"dataset.max_samples={args.max_samples or 'null'}",
+                 f"training.batch_size={args.batch_size}", f"training.precision={args.precision}",
+                 "peft.num_virtual_tokens=4", "peft.init=random", f"eval.max_new_tokens={args.gen_tokens}",
+                 "wandb.mode=disabled"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        base_cfg = compose(config_name="config", overrides=overrides)
+        ours_cfg = compose(config_name="config", overrides=overrides + list(args.set))
+    validate(ours_cfg)
+    precision = resolve_precision(ours_cfg.training.precision)
+    splits = load_splits(base_cfg.dataset, base_cfg.seed)
+    steps = args.steps or math.ceil(len(splits.train) / args.batch_size)
+    # the file's name and the rows' fingerprint name the data; the path is only this machine's
+    data_name = args.data if args.data == "bundled" else Path(args.data).name
+    result: dict = {"model": args.model, "data": data_name, "data_fingerprint": splits.fingerprint(),
+                    "train_rows": len(splits.train),
+                    "batch_size": args.batch_size, "timed_steps": steps, "warmup_steps": args.warmup_steps,
+                    "precision": precision, "threads": threads, "overrides": list(args.set)}
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    # measured before and after training, the larger kept: one reading can be disturbed by load
+    peak_before = matmul_peak_flops(dtype)
+    with tempfile.TemporaryDirectory(prefix="softprompt-bench-") as tmp:
+        if not args.skip_seed:
+            set_seed(base_cfg.seed)
+            result["seed_recipe"] = seed_recipe(base_cfg, splits.train, steps, args.warmup_steps, Path(tmp) / "seed")
+        set_seed(ours_cfg.seed)
+        ours, loaded, model, val_rows, n_virtual = softprompt_path(ours_cfg, splits, steps, args.warmup_steps,
+                                                                   Path(tmp) / "ours", precision)
+        for spec in args.variant:
+            name, _, sets = spec.partition(":")
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                vcfg = compose(config_name="config", overrides=overrides + list(args.set) + sets.split(","))
+            set_seed(vcfg.seed)
+            vres = softprompt_path(vcfg, splits, steps, args.warmup_steps, Path(tmp) / name,
+                                   resolve_precision(vcfg.training.precision))[0]
+            result.setdefault("variants", {})[name] = vres | {
+                "overrides": sets.split(","), "speedup_of_default": ours["tokens_per_s"] / vres["tokens_per_s"]}
+    result["softprompt"] = ours
+    if "seed_recipe" in result:
+        result["ratio"] = ours["tokens_per_s"] / result["seed_recipe"]["tokens_per_s"]
+    result["matmul_peak_flops"] = max(peak_before, matmul_peak_flops(dtype))
+    n = matmul_params(loaded.model)
+    result["flops_per_token"] = 4 * n
+    result["flops_formula"] = FLOPS_FORMULA
+    result["mfu"] = ours["tokens_per_s"] * 4 * n / result["matmul_peak_flops"]
+    if not args.skip_eval:
+        result |= eval_and_generation(ours_cfg, loaded, model, val_rows, n_virtual, splits,
+                                      torch.bfloat16 if precision == "bf16" else None)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import peft
+    import transformers
+
+    result["run_info"] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                          "peft": peft.__version__, "python": platform.python_version(),
+                          "cpu_flags": _cpu_flags(), "commit": _git_commit()}
+    text = json.dumps(result, indent=2)
+    print(text, flush=True)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return result

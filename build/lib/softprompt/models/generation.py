@@ -1,0 +1,131 @@
+"""Batched generation with or without a soft prompt, equal to one-prompt-at-a-time greedy output.
+
+`PeftModel.generate` fails on Bloom for batches (ALiBi size mismatch) and, because PEFT prepends
+the soft prompt *before* the left padding (peft#1093), produces different text for padded rows.
+So we build the input embeddings ourselves: `[pads, soft prompt, text]` with attention mask
+`[0.., 1.., 1..]`, and call the base model's `generate(inputs_embeds=...)`. The base model goes
+through exactly the same path with no soft prompt, so the comparison differs only in the prompt.
+
+With `inputs_embeds` alone, `generate` does not know the prompt's token ids, so its repetition
+penalty would ignore them (and with left padding it would penalise the pad id, often EOS, in
+batched runs only). `PromptAwareRepetitionPenalty` applies the penalty over the text's own ids
+plus what was generated, the same for every batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 100
+    repetition_penalty: float = 1.5
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+class PromptAwareRepetitionPenalty(LogitsProcessor):
+    """CTRL-style repetition penalty over the prompt's token ids and the tokens generated so far."""
+
+    def __init__(self, prompt_ids: list[list[int]], penalty: float, device: torch.device):
+        self.penalty = penalty
+        width = max(1, max(len(ids) for ids in prompt_ids))
+        # rows padded with a repeat of their own first id: harmless duplicates, since the
+        # penalty is applied once per distinct token
+        padded = [(ids + [ids[0] if ids else 0] * (width - len(ids))) for ids in prompt_ids]
+        self.prompt_ids = torch.tensor(padded, dtype=torch.long, device=device)
+        self.has_prompt = torch.tensor([bool(ids) for ids in prompt_ids], device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        mask.scatter_(1, self.prompt_ids, True)
+        mask &= self.has_prompt[:, None]  # an empty prompt's filler id must not be penalised
+        if input_ids.shape[1]:
+            mask.scatter_(1, input_ids, True)
+        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        return torch.where(mask, penalised, scores)
+
+
+def sampling_kwargs(settings: GenerationSettings) -> dict:
+    """`generate()` arguments for greedy or seeded sampling (greedy clears the model's own
+    generation_config defaults, which would otherwise warn or sample)."""
+    if settings.do_sample:
+        torch.manual_seed(settings.seed)
+        return dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+    return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    settings: GenerationSettings,
+    soft_prompt: torch.Tensor | None = None,
+    batch_size: int = 8,
+    desc: str = "generating",
+) -> list[str]:
+    """Continuations for `prompts` from a causal LM `model` (a plain transformers model).
+
+    `soft_prompt` is a (num_virtual_tokens, hidden) tensor placed between the padding and the
+    text, as the tuned model saw it in training; None generates with the base model alone.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    embed = model.get_input_embeddings()
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    # longest first: less padding per batch; results are put back in the caller's order
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    outputs: dict[int, str] = {}
+    n_virtual = 0 if soft_prompt is None else soft_prompt.shape[0]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2):
+        ids = [encoded[i] for i in batch]
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long, device=device)
+        text_mask = torch.zeros((len(batch), width), dtype=torch.long, device=device)
+        for row, x in enumerate(ids):
+            if x:
+                input_ids[row, width - len(x) :] = torch.tensor(x, device=device)
+                text_mask[row, width - len(x) :] = 1
+        embeds = embed(input_ids)
+        mask = text_mask
+        if soft_prompt is not None:
+            # [pads, prompt, text]: the soft prompt sits right before each row's first text token
+            prompt = soft_prompt.to(device=device, dtype=embeds.dtype)
+            total = width + n_virtual
+            full = embeds.new_zeros((len(batch), total, embeds.shape[-1]))
+            mask = torch.zeros((len(batch), total), dtype=torch.long, device=device)
+            for row, x in enumerate(ids):
+                start = width - len(x)
+                full[row, :start] = embeds[row, :start]
+                full[row, start : start + n_virtual] = prompt
+                full[row, start + n_virtual :] = embeds[row, start:]
+                mask[row, start:] = 1
+            embeds = full
+        processors = LogitsProcessorList()
+        if settings.repetition_penalty != 1.0:
+            processors.append(PromptAwareRepetitionPenalty(ids, settings.repetition_penalty, device))
+        out = model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=settings.max_new_tokens,
+            logits_processor=processors,
+            repetition_penalty=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad_id,
+            **sampling_kwargs(settings),
+        )
+        for row, i in enumerate(batch):
+            outputs[i] = tokenizer.decode(out[row], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return [outputs[i] for i in range(len(prompts))]

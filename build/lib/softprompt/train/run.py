@@ -1,0 +1,234 @@
+"""One prompt-tuning run, top to bottom: setup -> base perplexity -> train -> base and tuned eval -> save.
+
+`run(cfg)` is a plain function (the Hydra entrypoint is a thin wrapper around it), so tests and
+sweeps call it directly. Everything a run leaves is in its run directory; `metrics.json` is
+written last, atomically, so its presence means the run finished.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from transformers import TrainerCallback, set_seed
+
+from softprompt.core import distributed, keys
+from softprompt.core.config import resolved
+from softprompt.core.errors import UserError
+from softprompt.core.provenance import provenance
+from softprompt.core.rundir import RunDir
+from softprompt.data.loading import load_splits, tokenize
+from softprompt.evaluation import interpret
+from softprompt.evaluation.base_cache import evaluate_base
+from softprompt.evaluation.evaluate import (
+    comparison_metrics,
+    eval_prompts,
+    evaluate,
+    train_subset,
+)
+from softprompt.evaluation.perplexity import perplexity
+from softprompt.models.loading import count_parameters, load_model
+from softprompt.models.methods import (
+    soft_prompt_embeddings,
+    tuned_generation,
+    virtual_tokens_in_logits,
+    wrap,
+)
+from softprompt.track.wandb_run import Tracker, resolve_mode, run_name
+from softprompt.train import preflight, resume
+from softprompt.train.trainer import (
+    FirstStepClock,
+    NonFiniteLossError,
+    build_trainer,
+    resolve_precision,
+)
+
+
+def run_directory(cfg: DictConfig, run_dir: str | Path | None) -> Path:
+    if run_dir is None and cfg.get("output_dir"):
+        run_dir = cfg.output_dir
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = HydraConfig.get().runtime.output_dir
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    # --- setup: every check a user can fail comes before any model is loaded -------------------
+    preflight.check(cfg)
+    if run_dir is None:
+        distributed.check_run_dir_is_shared()
+    main = distributed.is_main()  # under torchrun/accelerate only rank 0 logs, evaluates and writes
+    wandb_mode = resolve_mode(cfg.wandb.mode) if main else "disabled"
+    out = run_directory(cfg, run_dir)
+    start = resume.prepare(cfg, out)  # before config.json is rewritten: resume compares with it
+    if main:
+        RunDir(out).start()  # a rerun in the same dir is not finished yet
+    if cfg.training.num_threads:
+        torch.set_num_threads(cfg.training.num_threads)
+    set_seed(cfg.seed)
+    precision = resolve_precision(cfg.training.precision)
+    splits = load_splits(cfg.dataset, cfg.seed)
+    loaded = load_model(cfg.model)
+    tokenizer = loaded.tokenizer
+    tokenizer_id = f"{cfg.model.source}:{loaded.tokenizer_path}"
+    train_rows = tokenize(splits.train, tokenizer, cfg.training.max_length, tokenizer_id)
+    val_rows = tokenize(splits.validation, tokenizer, cfg.training.max_length, tokenizer_id)
+    prompts = eval_prompts(cfg.eval, splits.validation)
+    config = resolved(cfg) | {"data": {"fingerprint": splits.fingerprint(), "source": splits.source,
+                                       "train_rows": len(train_rows), "validation_rows": len(val_rows)},
+                              "provenance": provenance()}
+    if main:
+        RunDir(out).write_config(config)
+
+    tracker = Tracker.start(cfg, out, config, run_name(cfg), mode=wandb_mode, run_id=start.wandb_run_id)
+    resume.remember_wandb_id(out, tracker.run_id)
+    try:
+        metrics = _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker, start)
+        tracker.set_summary(metrics)
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish(exit_code=0)
+    return metrics
+
+
+def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker,
+                        start: resume.ResumePoint) -> dict[str, Any]:
+    tokenizer = loaded.tokenizer
+    main = distributed.is_main()
+    train_ppl_rows = train_subset(train_rows, cfg.eval)
+    base = None
+    if main:
+        # the base model is evaluated before wrapping: LoRA injects its layers into it in place
+        base, base_cached, base_seconds = evaluate_base(loaded, val_rows, train_ppl_rows, prompts, cfg)
+        print(f"base model: held-out perplexity {base.perplexity.perplexity:.3f} on {base.perplexity.tokens} tokens"
+              f"{' (cached)' if base_cached else ''}", flush=True)
+
+    model = wrap(loaded.model, cfg.peft, loaded.tokenizer_path)
+    n_virtual = virtual_tokens_in_logits(model)
+    initial_prompt = soft_prompt_embeddings(model)  # None for prefix tuning and LoRA
+    initial_prompt = initial_prompt.clone() if initial_prompt is not None else None
+    trainable, total = count_parameters(model)
+    history: list[dict[str, Any]] = list(start.state.get("history", []))  # epochs before a resume
+    epoch_eval = _EpochEval(val_rows, tokenizer.pad_token_id, cfg, n_virtual, base, tracker, history)
+    first_step = FirstStepClock()
+    callbacks = [_LogToTracker(tracker), first_step]
+    if main:
+        callbacks.insert(0, epoch_eval)
+    trainer = build_trainer(model, tokenizer, train_rows, cfg, resume.checkpoint_dir(out), precision, callbacks)
+    trainer.history, trainer.resume_state = history, start.state  # carried in each checkpoint
+    try:
+        result = trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
+    except NonFiniteLossError as exc:
+        raise UserError(str(exc)) from exc
+    train_seconds = result.metrics["train_runtime"]
+    # every rank counted its own shard; all ranks reach this line once, right after training
+    real_tokens = distributed.sum_over_ranks(trainer.real_tokens)
+    if not main:
+        return {}
+
+    # the last per-epoch evaluation already scored these very weights: not computed twice
+    last = epoch_eval.last if epoch_eval.last and epoch_eval.last[0] == trainer.state.global_step else None
+    tuned = evaluate(model, tokenizer, val_rows, prompts, cfg, num_virtual_tokens=n_virtual, label="tuned",
+                     train_rows=train_ppl_rows, validation_result=last[1] if last else None,
+                     **tuned_generation(model))
+    print(f"tuned model: held-out perplexity {tuned.perplexity.perplexity:.3f} "
+          f"(base {base.perplexity.perplexity:.3f})", flush=True)
+
+    metrics = {
+        keys.EVAL_PERPLEXITY: tuned.perplexity.perplexity,
+        keys.EVAL_BASE_PERPLEXITY: base.perplexity.perplexity,
+        keys.EVAL_LOSS: tuned.perplexity.loss,
+        keys.EVAL_BASE_LOSS: base.perplexity.loss,
+        keys.EVAL_PPL_RATIO: tuned.perplexity.perplexity / base.perplexity.perplexity,
+        keys.EVAL_TOKENS: tuned.perplexity.tokens,
+        keys.EVAL_RUNTIME_S: base_seconds + tuned.seconds,
+        keys.EVAL_BASE_RUNTIME_S: base_seconds,
+        keys.EVAL_BASE_COMPUTE_S: base.seconds,
+        keys.EVAL_TUNED_RUNTIME_S: tuned.seconds,
+        keys.EVAL_BASE_CACHED: int(base_cached),
+        keys.TRAIN_LOSS: _whole_run_loss(result.training_loss, trainer.state.global_step, start),
+        keys.TRAIN_EPOCHS: trainer.state.epoch,
+        keys.TRAIN_STEPS: trainer.state.global_step,
+        keys.TRAIN_RUNTIME_S: train_seconds,
+        keys.TRAIN_TOKENS_PER_SECOND: real_tokens / train_seconds,
+        keys.TRAIN_TIME_TO_FIRST_STEP_S: first_step.seconds,
+        keys.TRAIN_TRAINABLE_PARAMS: trainable,
+        keys.TRAIN_TOTAL_PARAMS: total,
+        keys.TRAIN_PRECISION: precision,
+        keys.TRAIN_RESUMED_FROM_STEP: start.step,
+        keys.PEFT_NUM_VIRTUAL_TOKENS: cfg.peft.num_virtual_tokens,
+    } | comparison_metrics(base, tuned, prompts)
+    rows = [{"prompt": p.prompt, **({"reference": p.reference} if p.reference is not None else {}),
+             "base": b, "tuned": t} for p, b, t in zip(prompts, base.generations, tuned.generations)]
+
+    # --- save: adapter and generations first, metrics.json last (its presence = finished) ------
+    rundir = RunDir(out)
+    model.peft_config["default"].base_model_name_or_path = loaded.base_path
+    rundir.write_adapter(model.save_pretrained, {
+        "base_model": loaded.base_path, "tokenizer": loaded.tokenizer_path, "model": resolved(cfg.model),
+        "peft": resolved(cfg.peft), "eval": resolved(cfg.eval), "metrics": metrics,
+    })
+    rundir.write_generations(rows)
+    rundir.write_history(history)
+    if initial_prompt is not None:  # prompt tuning, p-tuning: what the learned prompt is close to
+        prompt_tokens = interpret.nearest_tokens(soft_prompt_embeddings(model), model.get_input_embeddings().weight,
+                                                 tokenizer, cfg.eval.nearest_tokens, initial=initial_prompt)
+        rundir.write_prompt_tokens(prompt_tokens)
+        tracker.log_table(interpret.TABLE_KEY, interpret.TABLE_COLUMNS, interpret.table_rows(prompt_tokens))
+    tracker.log_table(keys.GENERATIONS_TABLE, ["prompt", "reference", "base", "tuned"],
+                      [[r["prompt"], r.get("reference", ""), r["base"], r["tuned"]] for r in rows])
+    tracker.log_adapter(rundir.adapter, name=f"adapter-{cfg.model.name}-{cfg.dataset.name}", metadata={
+        "base_model": cfg.model.name_or_path, "base_model_path": loaded.base_path, "peft_method": cfg.peft.method,
+        "num_virtual_tokens": cfg.peft.num_virtual_tokens, **metrics})
+    rundir.finish(metrics)
+    return metrics
+
+
+def _whole_run_loss(loss_this_attempt: float, global_step: int, start: resume.ResumePoint) -> float:
+    # HF's training_loss averages only the steps of this train() call; a resumed run reports the
+    # mean over all steps, as the uninterrupted run would
+    steps_now = global_step - start.step
+    total = start.state.get("loss_sum", 0.0) + loss_this_attempt * steps_now
+    return total / max(global_step, 1)
+
+
+class _EpochEval(TrainerCallback):
+    """Held-out perplexity after every epoch: a curve, with the base model's value beside it."""
+
+    def __init__(self, val_rows, pad_id, cfg, n_virtual, base, tracker, history):
+        self.val_rows, self.pad_id, self.cfg, self.n_virtual = val_rows, pad_id, cfg, n_virtual
+        self.base, self.tracker, self.history = base, tracker, history
+        self.last = None  # (global_step, PerplexityResult) of the latest evaluation
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if not self.cfg.eval.per_epoch:
+            return
+        result = perplexity(model, self.val_rows, self.pad_id, self.cfg.eval.batch_size * 2, self.n_virtual)
+        self.last = (state.global_step, result)
+        row = {keys.EPOCH: round(state.epoch or 0, 4), keys.TRAIN_STEP: state.global_step,
+               keys.EVAL_LOSS: result.loss, keys.EVAL_PERPLEXITY: result.perplexity,
+               keys.EVAL_BASE_PERPLEXITY: self.base.perplexity.perplexity}
+        self.history.append(row)
+        self.tracker.log(row)
+
+
+class _LogToTracker(TrainerCallback):
+    """Trainer's log lines (loss, learning rate, grad norm) under our key names."""
+
+    NAMES = {"loss": keys.TRAIN_LOSS, "learning_rate": keys.TRAIN_LEARNING_RATE, "grad_norm": keys.TRAIN_GRAD_NORM}
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        values = {self.NAMES[k]: v for k, v in (logs or {}).items() if k in self.NAMES}
+        if values:
+            self.tracker.log(values | {keys.TRAIN_STEP: state.global_step, keys.EPOCH: state.epoch})
+
