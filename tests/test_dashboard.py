@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
-import zlib
-from pathlib import Path
 from unittest import mock
 
 import pytest

@@ -13,7 +13,7 @@ def test_fast_loss_matches_peft(model, chunk_rows):
     from softprompt.models.fast_loss import prompt_tuning_loss, supports_fast_loss
     from softprompt.models.loading import load_model
     from softprompt.models.methods import wrap
-    from softprompt.train.trainer import PaddingCollator
+    from softprompt.train.batches import PaddingCollator
 
     cfg = compose([f"model={model}", "peft.init=random", "peft.num_virtual_tokens=3"])
     loaded = load_model(cfg.model)

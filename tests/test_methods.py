@@ -36,7 +36,7 @@ def _tiny(method: str, *extra: str):
 
 
 def _batch(tok):
-    from softprompt.train.trainer import PaddingCollator
+    from softprompt.train.batches import PaddingCollator
 
     return PaddingCollator(tok.pad_token_id)([{"input_ids": tok("I want you to act as a poet.")["input_ids"]},
                                               {"input_ids": tok("Be yourself; everyone else is taken.")["input_ids"]}])
@@ -48,7 +48,7 @@ def test_preset_trains_saves_and_reloads(method, tmp_path):
 
     from softprompt.data.loading import load_splits, tokenize
     from softprompt.models.loading import load_model
-    from softprompt.train.trainer import build_trainer
+    from softprompt.train.trainer import LoopSettings, job_from_config, train
 
     cfg, loaded, model = _tiny(method)
     assert cfg.peft.method == method
@@ -56,9 +56,10 @@ def test_preset_trains_saves_and_reloads(method, tmp_path):
     before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     assert sum(v.numel() for v in before.values()) == TRAINABLE[method]
     rows = tokenize(load_splits(cfg.dataset, cfg.seed).train[:16], tok, 64, "tiny")
-    trainer = build_trainer(model, tok, rows, cfg, tmp_path / "ckpt", "fp32", [])
-    trainer.train()
-    assert trainer.state.global_step == 2
+    result = train([job_from_config(cfg, model)], rows, tok.pad_token_id, LoopSettings.from_config(cfg, "fp32"),
+                   checkpoint_dir=tmp_path / "ckpt")
+    assert result.steps == 2 and result.epoch == 1.0  # 16 rows, batch 8: one epoch
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["checkpoint-2"]
     after = dict(model.named_parameters())
     assert any(not torch.equal(before[k], after[k]) for k in before), "no trainable weight moved"
 
@@ -238,7 +239,17 @@ def test_two_process_cpu_run_writes_once(tmp_path):
     metrics = json.loads((run_dir / RunDir.METRICS).read_text())
     assert metrics[keys.TRAIN_STEPS] == 2
     assert len((run_dir / RunDir.GENERATIONS).read_text().splitlines()) == 2
-    # rank 0 counted tokens of both ranks: 2 steps x 2 ranks x 4 rows, each at least 2 tokens
-    assert metrics[keys.TRAIN_TOKENS_PER_SECOND] * metrics[keys.TRAIN_RUNTIME_S] >= 2 * 2 * 4 * 2
+    # rank 0 counted the tokens of both ranks' shards (2 steps x 2 ranks x 4 rows), exactly
+    from softprompt.data.loading import load_splits, tokenize
+    from softprompt.train.batches import epoch_batches
+
+    cfg = compose(TINY)
+    loaded = load_model(cfg.model)
+    rows = tokenize(load_splits(cfg.dataset, cfg.seed).train, loaded.tokenizer, cfg.training.max_length,
+                    f"{cfg.model.source}:{loaded.tokenizer_path}")
+    shards = [epoch_batches([len(r) for r in rows], 4, cfg.seed, 0, True, rank=r, world_size=2)[:2] for r in (0, 1)]
+    assert shards[0] != shards[1]
+    expected = sum(len(rows[k]) for shard in shards for batch in shard for k in batch)
+    assert round(metrics[keys.TRAIN_TOKENS_PER_SECOND] * metrics[keys.TRAIN_RUNTIME_S]) == expected
     assert "tuned model: held-out perplexity" in result.stdout
     assert result.stdout.count("tuned model: held-out perplexity") == 1  # evaluated once

@@ -9,7 +9,6 @@ SOFTPROMPT_TEST_SAVE_DELAY): they slow the tiny run so the kill lands where the 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

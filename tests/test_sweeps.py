@@ -167,10 +167,11 @@ def test_multirun_2x2_gives_four_runs_and_a_report(tmp_path, capsys):
     assert _script("report")([str(sweep_dir)]) == 0
     stdout = capsys.readouterr().out
     report = (sweep_dir / "report.md").read_text()
-    header = next(line for line in report.splitlines() if line.startswith("| run"))
+    runs_section = report[report.index("## Runs"):].split("\n## ", 1)[0]
+    header = next(line for line in runs_section.splitlines() if line.startswith("| run"))
     assert header.split(" | ")[1:3] == [keys.CFG_NUM_VIRTUAL_TOKENS, keys.CFG_EPOCHS]
-    main_table, _, tokens_section = report.partition("## The learned prompt, read as tokens")
-    rows = [line for line in main_table.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    tokens_section = report[report.index("## The learned prompt, read as tokens"):]
+    rows = [line for line in runs_section.splitlines() if line.startswith("| ") and not line.startswith("| run")]
     assert len(rows) == 4 and sum("**best**" in r for r in rows) == 1
     ppl = [json.loads((d / RunDir.METRICS).read_text())[keys.EVAL_PERPLEXITY] for d in run_dirs]
     assert f"{min(ppl):.4g}" in next(r for r in rows if "**best**" in r)
@@ -180,8 +181,11 @@ def test_multirun_2x2_gives_four_runs_and_a_report(tmp_path, capsys):
     prompt_rows = [line for line in tokens_section.splitlines() if line.startswith("| ")][2:]
     assert f"Run `{best}` (best run)" in tokens_section
     assert len(prompt_rows) == configs[best]["peft"]["num_virtual_tokens"]
-    for png in ("ppl_vs_virtual_tokens.png", "eval_curves.png"):
+    for png in ("ppl_vs_virtual_tokens.png", "eval_curves.png", "train_loss.png", "pareto.png"):
         assert (sweep_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one seed per point: no grid-point table, and the base-vs-tuned generations of the best run
+    assert "## Grid points" not in report and f"Run `{best}`, from its `generations.jsonl`" in report
+    assert (sweep_dir / "report.html").read_text().count('src="data:image/png;base64,') == 4
 
 
 def test_report_picks_up_gen_metrics_and_needs_finished_runs(tmp_path):

@@ -190,13 +190,24 @@ def test_cli_online_unreachable_is_an_error_before_any_work(tmp_path):
 # --- names ---------------------------------------------------------------------------------------
 
 
+def _name(overrides: list[str], given: list[str] | None = None) -> str:
+    from softprompt.models.methods import METHODS
+
+    cfg = compose(overrides)
+    return run_name(cfg, METHODS[cfg.peft.method].tag(cfg.peft), overrides if given is None else given)
+
+
 def test_run_names_from_overrides():
-    assert run_name(compose(["peft.num_virtual_tokens=8"]), ["peft.num_virtual_tokens=8"]) == "vt8-ep6"
-    overrides = ["training.learning_rate=0.01", "peft.init=random", "training.epochs=2", "seed=3"]
-    assert run_name(compose(overrides), overrides) == "vt4-ep2-lr0.01-init-random-seed3"
-    overrides = ["peft=prompt_tuning", "peft.method=p_tuning"]
-    assert run_name(compose(overrides), overrides) == "p_tuning-vt4-ep6"
-    assert run_name(compose(["wandb.name=mine"]), []) == "mine"
+    assert _name(["peft.num_virtual_tokens=8"]) == "vt8-ep6"
+    assert _name(["training.learning_rate=0.01", "peft.init=random", "training.epochs=2", "seed=3"]) \
+        == "vt4-ep2-lr0.01-init-random-seed3"
+    assert _name(["peft=prompt_tuning", "peft.method=p_tuning"]) == "p_tuning-vt4-ep6"
+    # each method's tag comes from its registry entry; LoRA's size is its rank
+    assert _name(["peft=p_tuning", "peft.num_virtual_tokens=8"], []) == "p_tuning-vt8-ep6"
+    assert _name(["peft=prefix_tuning"], []) == "prefix_tuning-vt4-ep6"
+    assert _name(["peft=lora", "peft.lora_r=4", "training.epochs=2"], []) == "lora-r4-ep2"
+    assert _name(["peft=lora", "training.learning_rate=0.01"]) == "lora-r8-ep6-lr0.01"
+    assert run_name(compose(["wandb.name=mine"]), "vt4", []) == "mine"
 
 
 # --- multirun and sweeps -------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def test_soft_prompt_lowers_heldout_perplexity(tiny_run):
 def test_loss_falls_on_a_repeated_batch(arch):
     from softprompt.models.loading import load_model
     from softprompt.models.methods import wrap
-    from softprompt.train.trainer import PaddingCollator
+    from softprompt.train.batches import PaddingCollator
 
     cfg = compose([f"model=tiny-{arch}", "peft.init=random", "peft.num_virtual_tokens=4"])
     loaded = load_model(cfg.model)

@@ -25,6 +25,8 @@ from softprompt.core.errors import UserError
 # Hydra's config_path needs a directory on disk, which a regular (non-zip) install is
 CONF_DIR = Path(str(resources.files("softprompt") / "conf"))
 
+# the registry's names (softprompt.models.methods.METHODS), repeated here so the config is
+# validated before torch is imported; tests/test_methods.py checks that they agree
 PEFT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning", "lora")
 PEFT_INITS = ("random", "text", "sample_vocab")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -32,7 +34,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 PACK_FORWARDS = ("auto", "concat", "turns")  # softprompt.train.pack
 MODEL_SOURCES = ("pretrained", "gguf_package", "tiny")
 TINY_ARCHITECTURES = ("bloom", "llama")
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+SCHEDULERS = ("linear", "cosine", "constant", "wsd")  # softprompt.train.schedules
 
 
 @dataclass
@@ -50,6 +52,9 @@ class ModelConfig:
     name: str = MISSING  # short label for run names and reports
     name_or_path: str = MISSING  # Hub id or local directory (or the package, for gguf_package)
     source: str = MISSING
+    # the Hub id these weights come from, recorded as a saved adapter's base model where
+    # name_or_path is not one (the packaged GGUF); null: name_or_path (softprompt.models.portable)
+    hub_id: Optional[str] = MISSING
     gguf_file: Optional[str] = MISSING
     revision: Optional[str] = MISSING
     trust_remote_code: bool = MISSING
@@ -97,7 +102,8 @@ class TrainingConfig:
     eval_batch_size: int = MISSING
     max_length: int = MISSING
     lr_scheduler: str = MISSING
-    warmup_ratio: float = MISSING
+    warmup_steps: int = MISSING  # fixed steps, not a share of the run: schedules that do not depend on its length
+    decay_fraction: float = MISSING  # wsd: the share of the steps over which the rate decays to 0
     weight_decay: float = MISSING
     max_grad_norm: float = MISSING
     logging_steps: int = MISSING
@@ -208,7 +214,8 @@ def validate(cfg: DictConfig) -> None:
     if t.max_steps is not None:
         _check(t.max_steps >= 1, f"training.max_steps must be >= 1 or null (got {t.max_steps})")
     _check(t.learning_rate > 0, f"training.learning_rate must be > 0 (got {t.learning_rate})")
-    _check(0 <= t.warmup_ratio < 1, f"training.warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
+    _check(t.warmup_steps >= 0, f"training.warmup_steps must be >= 0 (got {t.warmup_steps})")
+    _check(0 < t.decay_fraction <= 1, f"training.decay_fraction must be in (0, 1] (got {t.decay_fraction})")
     _check(t.weight_decay >= 0, f"training.weight_decay must be >= 0 (got {t.weight_decay})")
     _check(t.max_grad_norm > 0, f"training.max_grad_norm must be > 0 (got {t.max_grad_norm})")
     _check(t.precision in PRECISIONS, f"training.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")

@@ -65,10 +65,12 @@ def evaluate(model, tokenizer, validation_rows: list[list[int]], prompts: list[E
     """
     start = time.perf_counter()
     batch = cfg.eval.batch_size * 2  # no activations kept for backward: twice the generation batch fits
-    ppl = validation_result or perplexity(model, validation_rows, tokenizer.pad_token_id, batch, num_virtual_tokens)
+    ppl = validation_result or perplexity(model, validation_rows, tokenizer.pad_token_id, batch, num_virtual_tokens,
+                                          desc=f"held-out perplexity ({label})")
     train_ppl = None
     if train_rows:
-        train_ppl = perplexity(model, train_rows, tokenizer.pad_token_id, batch, num_virtual_tokens)
+        train_ppl = perplexity(model, train_rows, tokenizer.pad_token_id, batch, num_virtual_tokens,
+                               desc=f"train perplexity ({label})")
     if generate_fn is None:
         texts = generate(generation_model or model, tokenizer, [p.prompt for p in prompts],
                          generation_settings(cfg.eval), soft_prompt=soft_prompt, batch_size=cfg.eval.batch_size,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from softprompt.core.progress import progress
+
 
 @dataclass
 class PerplexityResult:
@@ -38,7 +40,7 @@ def pad_batch(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def perplexity(model, rows: list[list[int]], pad_id: int, batch_size: int = 16, num_virtual_tokens: int = 0,
-               autocast_dtype: torch.dtype | None = None) -> PerplexityResult:
+               autocast_dtype: torch.dtype | None = None, desc: str = "perplexity") -> PerplexityResult:
     """Token-weighted perplexity of `model` on `rows` (lists of token ids).
 
     `num_virtual_tokens` > 0 means the model (a PEFT prompt-learning model) prepends that many
@@ -49,7 +51,7 @@ def perplexity(model, rows: list[list[int]], pad_id: int, batch_size: int = 16, 
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths, less padding
     nll_sum, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
+    for start in progress(range(0, len(order), batch_size), desc=desc, unit="batch"):
         batch = [rows[i] for i in order[start : start + batch_size]]
         input_ids, mask = pad_batch(batch, pad_id, device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

@@ -1,13 +1,14 @@
 """Training/eval throughput of softprompt against the seed notebook's recipe, in one process.
 
-Both paths train the same model on the same rows with the same batch size and the same Trainer
-loop; what differs is what softprompt changed:
-- seed recipe: tokenizer(text) with no truncation (capped at `SEED_MAX_LENGTH`) and no EOS,
-  `DataCollatorForLanguageModeling(mlm=False)` (pads each random batch to its longest row),
-  PEFT's forward (logits on every position), fp32, 4 random virtual tokens, random order;
-- softprompt: `softprompt.data.loading.tokenize` (EOS, truncated to training.max_length),
-  `softprompt.train.trainer.build_trainer` (length-grouped batches, hidden-state loss, precision) on a
-  `softprompt.models.loading.load_model` model: exactly what `run.py` runs.
+Both paths train the same model on the same rows with the same batch size:
+- seed recipe (the anchor): the notebook's plain Hugging Face `Trainer` (no subclass; a
+  `TrainerCallback` only reads the clock), tokenizer(text) with no truncation (capped at
+  `SEED_MAX_LENGTH`) and no EOS, `DataCollatorForLanguageModeling(mlm=False)` (pads each random
+  batch to its longest row), PEFT's forward (logits on every position), fp32, 4 random virtual
+  tokens, random order;
+- softprompt: `softprompt.data.loading.tokenize` (EOS, truncated to training.max_length) and the
+  training loop of `softprompt.train.trainer` (length-grouped batches, hidden-state loss,
+  precision) on a `softprompt.models.loading.load_model` model: exactly what `run.py` runs.
 
 Throughput counts real tokens only (non-pad, non-virtual): the tokens each path actually trained
 on. Truncation changes the work, so the rows' token totals differ and both are reported.
@@ -32,6 +33,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from softprompt.models.flops import matmul_params
+
 SEED_MAX_LENGTH = 1024  # "no truncation" with a sane cap: the longest prompt CSV row is ~380 tokens
 FLOPS_FORMULA = ("4 * N per real token: forward 2N + backward 2N (activation gradients only; the base "
                  "is frozen, so no weight gradients); N = matmul parameters = all parameters except the "
@@ -40,14 +43,22 @@ FLOPS_FORMULA = ("4 * N per real token: forward 2N + backward 2N (activation gra
 
 
 class StepClock(TrainerCallback):
-    """Wall time and real-token count at the end of every optimizer step."""
+    """Wall time and real-token count at the end of every optimizer step of the seed recipe.
 
-    def __init__(self):
-        self.trainer = None
+    Tokens are counted where the model receives them (a forward pre-hook: the attention mask's
+    ones), not where the collator makes them: the data loader fetches one batch ahead.
+    """
+
+    def __init__(self, model):
+        self.tokens = 0
         self.marks: list[tuple[float, int]] = []
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        self.tokens += int(kwargs["attention_mask"].sum())
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.marks.append((time.perf_counter(), self.trainer.real_tokens))
+        self.marks.append((time.perf_counter(), self.tokens))
 
 
 def matmul_peak_flops(dtype: torch.dtype, size: int = 1536, seconds: float = 2.0) -> float:
@@ -62,55 +73,48 @@ def matmul_peak_flops(dtype: torch.dtype, size: int = 1536, seconds: float = 2.0
     return best
 
 
-def matmul_params(model) -> int:
-    """N of the FLOPs formula: every parameter but the input embedding, plus the lm_head."""
-    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    n = sum(p.numel() for p in model.parameters() if p is not embed)
-    return n + (head.numel() if head is embed else 0)
-
-
-def _timed_train(trainer, clock: StepClock, warmup_steps: int) -> dict:
-    clock.trainer = trainer
-    trainer.add_callback(clock)
-    trainer.train()
-    (t0, tok0), (t1, tok1) = clock.marks[warmup_steps - 1], clock.marks[-1]
-    steps = len(clock.marks) - warmup_steps
+def _timed(marks: list[tuple[float, int]], warmup_steps: int, start: float) -> dict:
+    """Throughput between the end of the warm-up and the last step, from (time, tokens) marks."""
+    (t0, tok0), (t1, tok1) = marks[warmup_steps - 1], marks[-1]
+    steps = len(marks) - warmup_steps
     return {"tokens_per_s": (tok1 - tok0) / (t1 - t0), "real_tokens": tok1 - tok0, "seconds": t1 - t0,
-            "steps": steps, "seconds_per_step": (t1 - t0) / steps,
-            "warmup_step_s": clock.marks[warmup_steps - 1][0] - trainer.bench_start}
+            "steps": steps, "seconds_per_step": (t1 - t0) / steps, "warmup_step_s": t0 - start}
 
 
 def seed_recipe(cfg, texts: list[str], steps: int, warmup_steps: int, out_dir: Path) -> dict:
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
-    from transformers import DataCollatorForLanguageModeling
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     from softprompt.models.loading import load_model
-    from softprompt.train.trainer import SoftpromptTrainer, training_arguments
 
+    start = time.perf_counter()
     loaded = load_model(cfg.model)
     tokenizer = loaded.tokenizer
     encoded = tokenizer(texts, truncation=True, max_length=SEED_MAX_LENGTH)
     rows = [{"input_ids": i, "attention_mask": m} for i, m in zip(encoded["input_ids"], encoded["attention_mask"])]
     model = get_peft_model(loaded.model, PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM, prompt_tuning_init=PromptTuningInit.RANDOM, num_virtual_tokens=4))
-    args = training_arguments(cfg, out_dir, "fp32")
-    args.train_sampling_strategy = "random"
-    args.max_steps = warmup_steps + steps
-    # SoftpromptTrainer with fast_loss off is the plain HF Trainer plus the real-token count
-    trainer = SoftpromptTrainer(model=model, args=args, train_dataset=rows,
-                                data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-                                processing_class=tokenizer)
-    trainer.bench_start = time.perf_counter()
-    result = _timed_train(trainer, StepClock(), warmup_steps)
+    t = cfg.training
+    args = TrainingArguments(
+        output_dir=str(out_dir), max_steps=warmup_steps + steps, per_device_train_batch_size=t.batch_size,
+        learning_rate=t.learning_rate, lr_scheduler_type="linear", weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, save_strategy="no", report_to="none",
+        use_cpu=not torch.cuda.is_available(), seed=cfg.seed, dataloader_num_workers=0,
+        remove_unused_columns=False, disable_tqdm=True)
+    clock = StepClock(model)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[clock],
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer)
+    trainer.train()
+    result = _timed(clock.marks, warmup_steps, start)
     result["rows_tokens_total"] = sum(len(r["input_ids"]) for r in rows)
     return result
 
 
-def softprompt_path(cfg, splits, steps: int, warmup_steps: int, out_dir: Path, precision: str):
+def softprompt_path(cfg, splits, steps: int, warmup_steps: int, precision: str):
     from softprompt.data.loading import tokenize
     from softprompt.models.loading import load_model
     from softprompt.models.methods import virtual_tokens_in_logits, wrap
-    from softprompt.train.trainer import build_trainer
+    from softprompt.train.trainer import LoopSettings, job_from_config, train
 
     start = time.perf_counter()
     loaded = load_model(cfg.model)
@@ -119,11 +123,14 @@ def softprompt_path(cfg, splits, steps: int, warmup_steps: int, out_dir: Path, p
     val_rows = tokenize(splits.validation, loaded.tokenizer, cfg.training.max_length, tokenizer_id)
     model = wrap(loaded.model, cfg.peft, loaded.tokenizer_path)
     cfg.training.max_steps = warmup_steps + steps
-    trainer = build_trainer(model, loaded.tokenizer, rows, cfg, out_dir, precision, callbacks=[])
-    trainer.bench_start = start
-    result = _timed_train(trainer, StepClock(), warmup_steps)
+    job = job_from_config(cfg, model)
+    marks: list[tuple[float, int]] = []
+    # no checkpoints and no per-epoch evaluation: the clock times training steps only
+    train([job], rows, loaded.tokenizer.pad_token_id, LoopSettings.from_config(cfg, precision),
+          on_step=lambda step, tokens: marks.append((time.perf_counter(), tokens)))
+    result = _timed(marks, warmup_steps, start)
     result["rows_tokens_total"] = sum(len(r) for r in rows)
-    result["fast_loss"] = trainer.fast_loss
+    result["fast_loss"] = job.fast_loss
     # the A/B check that a speed change does not cost quality: held-out perplexity after these steps
     from softprompt.evaluation.perplexity import perplexity
 
@@ -224,7 +231,7 @@ def measure(argv=None) -> dict:
 
     from softprompt.core.config import CONF_DIR, validate
     from softprompt.data.loading import load_splits
-    from softprompt.train.trainer import resolve_precision
+    from softprompt.train.precision import resolve_precision
 
     threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
@@ -256,13 +263,13 @@ def measure(argv=None) -> dict:
             result["seed_recipe"] = seed_recipe(base_cfg, splits.train, steps, args.warmup_steps, Path(tmp) / "seed")
         set_seed(ours_cfg.seed)
         ours, loaded, model, val_rows, n_virtual = softprompt_path(ours_cfg, splits, steps, args.warmup_steps,
-                                                                   Path(tmp) / "ours", precision)
+                                                                   precision)
         for spec in args.variant:
             name, _, sets = spec.partition(":")
             with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
                 vcfg = compose(config_name="config", overrides=overrides + list(args.set) + sets.split(","))
             set_seed(vcfg.seed)
-            vres = softprompt_path(vcfg, splits, steps, args.warmup_steps, Path(tmp) / name,
+            vres = softprompt_path(vcfg, splits, steps, args.warmup_steps,
                                    resolve_precision(vcfg.training.precision))[0]
             result.setdefault("variants", {})[name] = vres | {
                 "overrides": sets.split(","), "speedup_of_default": ours["tokens_per_s"] / vres["tokens_per_s"]}

@@ -22,6 +22,7 @@ import yaml
 
 from softprompt.core import atomic, keys
 from softprompt.core.errors import UserError, report_and_exit
+from softprompt.core.progress import progress
 from softprompt.core.rundir import RunDir
 
 METHODS = ("grid", "random", "bayes")
@@ -204,6 +205,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def grid_size(sweep: Sweep) -> int | None:
+    """How many points a grid has (None for random/bayes, which sample without end)."""
+    if sweep.method != "grid":
+        return None
+    return math.prod(len(spec["values"]) if "values" in spec else 1 for spec in sweep.parameters.values())
+
+
 def planned_count(sweep: Sweep, count: int | None) -> int | None:
     """How many jobs to run: --count, else run_cap, else the whole grid (random/bayes need one)."""
     limits = [n for n in (count, sweep.run_cap) if n is not None]
@@ -244,6 +252,8 @@ def run_sweep(sweep: Sweep, extra: list[str], count: int | None = None, root: st
 
     jobs: list[Job] = []
     started = time.perf_counter()
+    # jobs done / left and an ETA (tqdm's, from the mean job time so far), on stderr
+    bar = progress(desc=f"sweep {sweep.name}", total=limit or grid_size(sweep), unit="job", min_total=1, leave=True)
     while limit is None or len(jobs) < limit:
         batch: list[Job] = []
         while (batch_size is None or len(batch) < batch_size) and (limit is None or len(jobs) + len(batch) < limit):
@@ -260,6 +270,8 @@ def run_sweep(sweep: Sweep, extra: list[str], count: int | None = None, root: st
             log(f"[sweep {sweep.name}] job {job.index}" + (f"/{limit}" if limit else "") + ": " + " ".join(o))
         _run_batch(batch, overrides, share, sweep, log)
         _write_state(sweep_dir, sweep, sweep_id, extra, jobs, time.perf_counter() - started)
+        bar.update(len(batch))
+    bar.close()
     return sweep_dir, jobs
 
 

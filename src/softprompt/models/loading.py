@@ -182,7 +182,8 @@ def _build_tiny(cfg: DictConfig):
     tokenizer, tokenizer_dir = tiny_tokenizer(t.vocab_size)
     vocab = len(tokenizer)
     specials = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id, initializer_range=t.initializer_range)
+                    pad_token_id=tokenizer.pad_token_id, initializer_range=t.initializer_range,
+                    attn_implementation=cfg.attn_implementation or DEFAULT_ATTN[t.architecture])
     if t.architecture == "bloom":
         config = BloomConfig(vocab_size=vocab, hidden_size=t.hidden_size, n_layer=t.num_layers,
                              n_head=t.num_heads, **specials)
@@ -193,8 +194,6 @@ def _build_tiny(cfg: DictConfig):
                              num_key_value_heads=max(1, t.num_heads // 2), max_position_embeddings=1024,
                              tie_word_embeddings=True, **specials)
         model_cls = LlamaForCausalLM
-    impl = cfg.attn_implementation or DEFAULT_ATTN[t.architecture]
-    config._attn_implementation = impl
     # the weights depend only on the config: the same tiny model in every run and process
     with torch.random.fork_rng():
         torch.manual_seed(0)

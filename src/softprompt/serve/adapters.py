@@ -1,8 +1,9 @@
 """Finding and describing saved adapters, without loading any model (so errors come fast).
 
-What a run leaves: `RUN/adapter/` (PEFT `save_pretrained` output: `adapter_config.json` and the
-weights) with our own `softprompt.json` beside them (base model, tokenizer, configs, metrics), and
-`RUN/metrics.json`. Users may point at the run directory or at its `adapter/` folder.
+What a run leaves: `RUN/adapter/` (PEFT `save_pretrained` output: `adapter_config.json`, naming
+the base portably, the weights and a model card) with our own `softprompt.json` beside them (the
+local base, tokenizer, configs, metrics; see softprompt.models.portable), and `RUN/metrics.json`.
+Users may point at the run directory or at its `adapter/` folder.
 
 "Foreign" directories, and what we do with them:
 - no `adapter_config.json` (here or in `adapter/`), or one that is not a PEFT config: refused;
@@ -42,9 +43,43 @@ class AdapterInfo:
 
     @property
     def recorded_base(self) -> str | None:
-        if self.record and self.record.get("base_model"):
-            return str(self.record["base_model"])
-        return self.peft_config.get("base_model_name_or_path") or None
+        """The base model's portable identity (a Hub id; softprompt.models.portable), else the
+        local path an older run recorded."""
+        return (self.peft_config.get("base_model_name_or_path")
+                or (self.record or {}).get("base_model_id") or (self.record or {}).get("base_model") or None)
+
+    def base_model_config(self, base: str | None = None) -> dict[str, Any] | None:
+        """What `softprompt.models.loading.load_model` needs to load this adapter's base, offline
+        where it can (None: nothing recorded):
+
+        1. `base` (`--base`): a Hub id or a directory;
+        2. the local directory the run loaded (`softprompt.json`'s `base_model`: a converted
+           SmolLM2, a built tiny model), when it exists on this machine;
+        3. the model config the run recorded: a tiny model is rebuilt and the packaged GGUF
+           converted again (both offline), a Hub model loads by its id;
+        4. `adapter_config.json`'s `base_model_name_or_path` (an adapter softprompt did not save).
+        """
+        record = self.record or {}
+        recorded_model = record.get("model") or {}
+
+        def pretrained(path: str, explicit: bool) -> dict[str, Any]:
+            # the recorded revision / trust_remote_code / attention kernel still apply to the
+            # recorded base; an explicit --base is taken as it is
+            return {"source": "pretrained", "name_or_path": path,
+                    "revision": None if explicit else recorded_model.get("revision"),
+                    "trust_remote_code": bool(recorded_model.get("trust_remote_code", False)),
+                    "attn_implementation": recorded_model.get("attn_implementation")}
+
+        if base:
+            return pretrained(base, explicit=True)
+        local = record.get("base_model")
+        if local and Path(local).expanduser().is_dir():
+            return pretrained(str(local), explicit=False)
+        if recorded_model.get("source"):
+            return dict(recorded_model)
+        if self.recorded_base:
+            return pretrained(self.recorded_base, explicit=False)
+        return None
 
     @property
     def recorded_tokenizer(self) -> str | None:

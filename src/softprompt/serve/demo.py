@@ -35,9 +35,15 @@ _SHOWN = [
 
 
 def metrics_markdown(info: AdapterInfo) -> str:
+    from softprompt.models.methods import by_peft_type
+
+    method = by_peft_type(info.peft_type, where=f"the adapter in {info.adapter_dir}")
     lines = ["| run | |", "| --- | --- |",
-             f"| method | {info.peft_type} |", f"| base model | `{info.recorded_base or '?'}` |"]
+             f"| method | {method.name} (`{method.peft_type}`) |", f"| tuned model | {method.description} |",
+             f"| base model | `{info.recorded_base or '?'}` |"]
     for key, label in _SHOWN:
+        if key == keys.PEFT_NUM_VIRTUAL_TOKENS and not method.uses_virtual_tokens:
+            continue  # recorded for every run, meaningless for LoRA
         if key in info.metrics:
             lines.append(f"| {label} | {_fmt(info.metrics[key])} |")
     if not info.metrics:
@@ -131,9 +137,9 @@ def build(adapters: dict[str, AdapterInfo], base: str | None = None, prompt: str
                                          0.0, 1.0, 0)
 
     with gr.Blocks(title="softprompt: base vs tuned") as demo:
-        gr.Markdown("## softprompt: base model vs prompt-tuned model\n"
-                    "The same prompt and settings go to the frozen base model and to the base with the "
-                    "trained soft prompt in front of the text.")
+        gr.Markdown("## softprompt: base model vs tuned model\n"
+                    "The same prompt and settings go to the frozen base model and to the tuned model "
+                    "(for each run's method, see its table).")
         with gr.Row():
             with gr.Column(scale=3):
                 picker = gr.Dropdown(choices=list(adapters), value=first, label="adapter",
@@ -152,7 +158,7 @@ def build(adapters: dict[str, AdapterInfo], base: str | None = None, prompt: str
                 metrics = gr.Markdown(metrics_markdown(info), label="run metrics")
         with gr.Row():
             base_out = gr.Textbox(value=base_text, label="base model", lines=8)
-            tuned_out = gr.Textbox(value=tuned_text, label="tuned (soft prompt)", lines=8)
+            tuned_out = gr.Textbox(value=tuned_text, label="tuned", lines=8)
 
         inputs = [picker, box, new_tokens, penalty, temperature, top_p, seed]
         button.click(generate, inputs, [base_out, tuned_out], api_name="generate")

@@ -190,10 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
     else:
+        base = loaded.base_model
+        if not args.base and info.recorded_base and info.recorded_base != base:
+            base = f"{info.recorded_base} (loaded from {base})"
         if len(adapters) == 1:
-            print(f"adapter {info.adapter_dir} ({info.peft_type}) on base {loaded.base_model}")
+            print(f"adapter {info.adapter_dir} ({info.peft_type}) on base {base}")
         else:
-            print(f"{len(adapters)} adapters ({info.peft_type}) on base {loaded.base_model}, loaded once:")
+            print(f"{len(adapters)} adapters ({info.peft_type}) on base {base}, loaded once:")
             for name, one in adapters.items():
                 print(f"  {name}: {one.adapter_dir}")
         mode = (f"sampling, temperature {settings.temperature}, top_p {settings.top_p}, seed {settings.seed}"

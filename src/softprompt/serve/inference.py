@@ -1,14 +1,16 @@
 """A saved adapter and its base model, ready to generate: base and tuned continuations of the same
 prompts under the same settings (used by scripts/generate.py and scripts/demo.py).
 
-Generation goes through `softprompt.models.generation.generate` (our own `inputs_embeds` path), never
-`PeftModel.generate`, which breaks on batches (see KNOWN.md). How the tuned model generates
-depends on the PEFT method; `_TUNED` maps a PEFT type to a builder of that function, so methods
-that work inside the model's layers (LoRA, ...) can be added next to prompt learning.
+The tuned model generates the way its PEFT method's registry entry says
+(`softprompt.models.methods`: soft-prompt embeddings, prefix cache or active LoRA layers), never
+through `PeftModel.generate`, which breaks on batches (see KNOWN.md); the base generates with the
+adapter disabled. The base model is found offline from what the adapter records
+(`AdapterInfo.base_model_config`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from omegaconf import OmegaConf
 from softprompt.core.errors import UserError
 from softprompt.models.generation import GenerationSettings, generate
 from softprompt.models.loading import load_model
+from softprompt.models.methods import Method, by_peft_type
 from softprompt.serve.adapters import AdapterInfo, resolve
 
 # (prompts, settings) -> continuations
@@ -45,9 +48,8 @@ class LoadedAdapter:
 def load(adapter: str | Path | AdapterInfo, base: str | None = None, batch_size: int = 8) -> LoadedAdapter:
     """Load `adapter` (a run dir or its adapter/ folder) on its recorded base model, or on `base`."""
     info = adapter if isinstance(adapter, AdapterInfo) else resolve(adapter)
-    builder = _builder(info)
-    base_path = _base_path(info, base)
-    model, tokenizer = _load_base(info, base_path, explicit=base is not None)
+    method = _method(info)
+    model, tokenizer, base_path = _load_base(info, base)
     _check_width(info, model, base_path)
     from peft import PeftModel
 
@@ -67,19 +69,24 @@ def load(adapter: str | Path | AdapterInfo, base: str | None = None, batch_size:
         return run
 
     plain = peft_model.get_base_model()
+    tuned = method.generator(peft_model)
 
     def generate_base(prompts, settings):
-        return generate(plain, tokenizer, prompts, settings, batch_size=batch_size, desc="base")
+        with peft_model.disable_adapter():  # LoRA's layers live inside `plain`: off for the base
+            return generate(plain, tokenizer, prompts, settings, batch_size=batch_size, desc="base")
 
-    return LoadedAdapter(info, base_path, tokenizer, locked(generate_base),
-                         locked(builder(peft_model, tokenizer, batch_size)))
+    def generate_tuned(prompts, settings):
+        return tuned(tokenizer, prompts, settings, batch_size=batch_size, desc="tuned")
+
+    return LoadedAdapter(info, base_path, tokenizer, locked(generate_base), locked(generate_tuned))
 
 
 def base_key(info: AdapterInfo, base: str | None = None) -> tuple[str, str, str]:
-    """Adapters with the same key can share one loaded base model: same base weights, same
-    tokenizer, same PEFT method (one `PeftModel` holds adapters of one method)."""
+    """Adapters with the same key can share one loaded base model: same base weights (the same
+    way of loading them), same tokenizer, same PEFT method (one `PeftModel` holds adapters of
+    one method)."""
     tokenizer = "" if base else (info.recorded_tokenizer or "")
-    return (base or info.recorded_base or "", tokenizer, info.peft_type)
+    return (json.dumps(info.base_model_config(base), sort_keys=True), tokenizer, info.peft_type)
 
 
 def load_shared(adapters: dict[str, AdapterInfo], base: str | None = None,
@@ -93,14 +100,14 @@ def load_shared(adapters: dict[str, AdapterInfo], base: str | None = None,
         raise UserError("no adapters given; pass one or more adapter (or run) directories")
     keys = {name: base_key(info, base) for name, info in adapters.items()}
     if len(set(keys.values())) > 1:
-        listing = "; ".join(f"{name}: base {k[0] or '?'}, {k[2]}" for name, k in keys.items())
+        listing = "; ".join(f"{name}: base {info.recorded_base or '?'}, {info.peft_type}"
+                            for name, info in adapters.items())
         raise UserError(f"these adapters do not share one base model and PEFT method ({listing}); "
                         "compare adapters of one base at a time, or pass --base MODEL")
     first = next(iter(adapters.values()))
     for info in adapters.values():
-        _builder(info)
-    base_path = _base_path(first, base)
-    model, tokenizer = _load_base(first, base_path, explicit=base is not None)
+        _method(info)
+    model, tokenizer, base_path = _load_base(first, base)
     for info in adapters.values():
         _check_width(info, model, base_path)
     # PEFT adapter names become module keys: no dots; the user-facing names stay as given
@@ -134,73 +141,37 @@ def _module_names(names: list[str]) -> dict[str, str]:
     return out
 
 
-def _builder(info: AdapterInfo):
-    builder = _TUNED.get(info.peft_type)
-    if builder is None:
-        raise UserError(f"{info.peft_type} adapters are not supported for generation yet "
-                        f"(supported: {', '.join(sorted(_TUNED))})")
-    return builder
+def _method(info: AdapterInfo) -> Method:
+    return by_peft_type(info.peft_type, where=f"the adapter in {info.adapter_dir}")
 
 
-def _base_path(info: AdapterInfo, base: str | None) -> str:
-    base_path = base or info.recorded_base
-    if not base_path:
+def _load_base(info: AdapterInfo, base: str | None):
+    """(model, tokenizer, what it was loaded from) for `info`, or for `base` when given."""
+    spec = info.base_model_config(base)
+    if spec is None:
         raise UserError(f"the adapter in {info.adapter_dir} does not record its base model; pass --base MODEL")
-    return base_path
-
-
-def _prompt_learning(peft_model, tokenizer, batch_size: int) -> GenerateFn:
-    """Prompt tuning and p-tuning: the tuned model is the frozen base with the learned input
-    embeddings in front of each prompt (after the left padding)."""
-    from softprompt.models.methods import soft_prompt_embeddings
-
-    soft_prompt = soft_prompt_embeddings(peft_model)
-    plain = peft_model.get_base_model()
-
-    def generate_tuned(prompts, settings):
-        return generate(plain, tokenizer, prompts, settings, soft_prompt=soft_prompt, batch_size=batch_size,
-                        desc="tuned")
-
-    return generate_tuned
-
-
-_TUNED: dict[str, Callable[..., GenerateFn]] = {
-    "PROMPT_TUNING": _prompt_learning,
-    "P_TUNING": _prompt_learning,
-}
-
-
-def _load_base(info: AdapterInfo, base_path: str, explicit: bool):
-    recorded_model = (info.record or {}).get("model") or {}
-    # the recorded model config keeps revision / trust_remote_code / attention kernel; the
-    # source is always "pretrained" now, since the run recorded a loadable path (a cache dir for
-    # the GGUF and tiny models)
-    cfg = OmegaConf.create({
-        "source": "pretrained",
-        "name_or_path": base_path,
-        "revision": None if explicit else recorded_model.get("revision"),
-        "trust_remote_code": bool(recorded_model.get("trust_remote_code", False)),
-        "attn_implementation": recorded_model.get("attn_implementation"),
-    })
     try:
-        loaded = load_model(cfg)
+        loaded = load_model(OmegaConf.create(spec))
     except UserError as exc:
-        hint = "" if explicit else "; pass the base model with --base MODEL"
+        hint = "" if base else "; pass the base model with --base MODEL"
         raise UserError(f"cannot load the base model of {info.adapter_dir}: {exc}{hint}") from exc
     tokenizer = loaded.tokenizer
     recorded_tok = info.recorded_tokenizer
-    if not explicit and recorded_tok and recorded_tok != base_path and Path(recorded_tok).is_dir():
+    if not base and recorded_tok and recorded_tok != loaded.base_path and Path(recorded_tok).is_dir():
         # a run may have trained with a tokenizer stored apart from the weights
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(recorded_tok, local_files_only=True)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-    return loaded.model, tokenizer
+    return loaded.model, tokenizer, loaded.base_path
 
 
 def _check_width(info: AdapterInfo, model: torch.nn.Module, base_path: str) -> None:
-    """A soft prompt only fits a base with the embedding width it was trained for."""
+    """A soft prompt only fits a base with the embedding width it was trained for. (Prefix
+    tuning's token_dim is the key/value width instead: a mismatch there fails in PEFT's load.)"""
+    if not _method(info).soft_prompt:
+        return
     token_dim = info.peft_config.get("token_dim")
     width = model.get_input_embeddings().weight.shape[1]
     if token_dim and int(token_dim) != width:

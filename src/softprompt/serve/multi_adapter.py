@@ -27,20 +27,22 @@ from peft import PeftConfig, PeftModel
 from softprompt.core.errors import UserError
 from softprompt.core.rundir import RunDir
 from softprompt.models.generation import GenerationSettings, generate
-from softprompt.models.methods import soft_prompt_embeddings, tuned_generation
-
-_METHODS = {"PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning", "PREFIX_TUNING": "prefix_tuning",
-            "LORA": "lora"}
+from softprompt.models.methods import Method, by_peft_type
 
 
 @dataclass
 class Adapter:
     name: str
     path: Path
-    method: str  # prompt_tuning | p_tuning | prefix_tuning | lora
+    entry: Method  # the PEFT method's registry entry
     model: PeftModel  # shared by all adapters of one load_adapters call
     # (num_virtual_tokens, hidden) input embeddings for prompt_tuning / p_tuning, else None
     soft_prompt: torch.Tensor | None
+
+    @property
+    def method(self) -> str:
+        """prompt_tuning | p_tuning | prefix_tuning | lora"""
+        return self.entry.name
 
     def activate(self) -> "Adapter":
         self.model.set_adapter(self.name)
@@ -50,11 +52,7 @@ class Adapter:
     def generate(self, tokenizer, prompts: list[str], settings: GenerationSettings, batch_size: int = 8) -> list[str]:
         """Continuations with this adapter, by the path it was evaluated with in training."""
         self.activate()
-        kwargs = tuned_generation(self.model)
-        if "generate_fn" in kwargs:
-            return kwargs["generate_fn"](tokenizer, prompts, settings, batch_size=batch_size, desc=self.name)
-        return generate(kwargs["generation_model"], tokenizer, prompts, settings, soft_prompt=kwargs["soft_prompt"],
-                        batch_size=batch_size, desc=self.name)
+        return self.entry.generator(self.model)(tokenizer, prompts, settings, batch_size=batch_size, desc=self.name)
 
     def generate_base(self, tokenizer, prompts: list[str], settings: GenerationSettings,
                       batch_size: int = 8) -> list[str]:
@@ -82,11 +80,16 @@ def default_name(path: Path) -> str:
 
 
 def base_model_path(path: str | Path) -> str:
-    """What `from_pretrained` needs to rebuild the base this adapter was trained on."""
+    """What `from_pretrained` needs to load the base this adapter was trained on: the local copy
+    the run recorded where it exists on this machine, else the portable identity
+    (`adapter_config.json`; softprompt.serve.inference rebuilds tiny and packaged bases from the
+    recorded config instead)."""
     directory = adapter_dir(path)
     meta = directory / RunDir.ADAPTER_RECORD
     if meta.is_file():
-        return json.loads(meta.read_text())["base_model"]
+        local = json.loads(meta.read_text()).get("base_model")
+        if local and Path(local).expanduser().is_dir():
+            return str(local)
     return PeftConfig.from_pretrained(str(directory)).base_model_name_or_path
 
 
@@ -101,10 +104,10 @@ def load_adapters(base: torch.nn.Module, dirs: Sequence[str | Path] | Mapping[st
     if not named:
         raise UserError("no adapters given; pass one or more adapter (or run) directories")
     paths = {name: adapter_dir(p) for name, p in named.items()}
-    methods = {name: _METHODS.get(PeftConfig.from_pretrained(str(p)).peft_type.value, "other")
+    methods = {name: by_peft_type(PeftConfig.from_pretrained(str(p)).peft_type.value, where=f"adapter {p}")
                for name, p in paths.items()}
-    if len(set(methods.values())) > 1:
-        listing = ", ".join(f"{n}={m}" for n, m in methods.items())
+    if len({m.name for m in methods.values()}) > 1:
+        listing = ", ".join(f"{n}={m.name}" for n, m in methods.items())
         raise UserError(f"these adapters use different PEFT methods ({listing}); one base model holds adapters of "
                         "one method at a time: load them in separate calls")
     model: PeftModel | None = None
@@ -122,7 +125,7 @@ def load_adapters(base: torch.nn.Module, dirs: Sequence[str | Path] | Mapping[st
     adapters = {}
     for name, path in paths.items():
         model.set_adapter(name)
-        adapters[name] = Adapter(name, path, methods[name], model, soft_prompt_embeddings(model))
+        adapters[name] = Adapter(name, path, methods[name], model, methods[name].soft_prompt_embeddings(model))
     model.set_adapter(next(iter(paths)))
     model.eval()
     return adapters

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from softprompt.core import keys
 from softprompt.core.errors import UserError
+from softprompt.core.grid import point_id
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 
@@ -118,19 +119,17 @@ def hydra_overrides() -> list[str]:
         return []
 
 
-def run_name(cfg: DictConfig, overrides: list[str] | None = None) -> str:
-    """A name a person can read on a dashboard: `vt8-ep6`, `p_tuning-vt8-ep6-lr0.01`, ...
+def run_name(cfg: DictConfig, method_tag: str, overrides: list[str] | None = None) -> str:
+    """A name a person can read on a dashboard: `vt8-ep6`, `p_tuning-vt8-ep6-lr0.01`, `lora-r8-ep6`, ...
 
-    Virtual tokens and epochs always (the seed's sweep axes); other sweep axes only when the
-    overrides set them, so the default run stays short.
+    `method_tag` is the PEFT method's run-name tag from its registry entry
+    (`softprompt.models.methods.Method.tag`: tracking sits beside models and cannot import it),
+    then epochs always (the seed's sweep axes); other sweep axes only when the overrides set
+    them, so the default run stays short.
     """
     if cfg.wandb.name:
         return cfg.wandb.name
-    # LoRA has no virtual tokens: its size is the rank
-    size = f"r{cfg.peft.lora_r}" if cfg.peft.method == "lora" else f"vt{cfg.peft.num_virtual_tokens}"
-    parts = [size, f"ep{cfg.training.epochs}"]
-    if cfg.peft.method != "prompt_tuning":
-        parts.insert(0, cfg.peft.method)
+    parts = [method_tag, f"ep{cfg.training.epochs}"]
     given = {o.split("=", 1)[0].lstrip("+~") for o in (hydra_overrides() if overrides is None else overrides)}
     for key, label in NAME_PARTS.items():
         if key in given:
@@ -221,6 +220,8 @@ class Tracker:
             project=cfg.wandb.project,
             entity=cfg.wandb.entity,
             group=cfg.wandb.group,
+            # the runs of one grid point (equal but for the seed) share it: W&B groups their seeds
+            job_type=f"point-{point_id(config)}",
             tags=list(cfg.wandb.tags or []),
             name=name,
             dir=str(run_dir),

@@ -1,12 +1,17 @@
-"""Atomic, resumable checkpoints in the Hugging Face `Trainer` format.
+"""Atomic, resumable checkpoints of the training loop (softprompt.train.trainer).
 
-HF's own `_save_checkpoint` writes `checkpoint-N/` file by file (`trainer_state.json` last): a
-kill during a save leaves a directory that `resume_from_checkpoint` fails on. Here every
-checkpoint is written into a staging directory, fsynced, given a `COMPLETE` marker and then
-renamed into place, so a `checkpoint-N/` either does not exist or is complete. What it holds is
-HF's format (adapter, optimizer, scheduler, RNG states, trainer state), so `Trainer.train(
-resume_from_checkpoint=...)` restores all of it, plus `softprompt_state.json` for what the
-Trainer does not carry across a resume (the loss of earlier steps, the per-epoch eval history).
+A checkpoint is written into a staging directory, fsynced, given a `COMPLETE` marker and then
+renamed into place, so a `checkpoint-N/` either does not exist or is complete: a kill during a
+save leaves a `.staging-*` directory that the next attempt removes, never a half checkpoint.
+The last `KEEP_LAST` are kept. What one holds is everything the loop needs to continue exactly:
+
+- `trainer_state.json`: the step, where in which epoch, and per job its loss sum and eval history;
+- `prompts.pt`: each job's trainable parameters (by name);
+- `optimizer.pt`: each job's optimizer state (AdamW moments);
+- `rng_state.pt`: the Python, NumPy and torch RNG states (rank 0's: a DDP resume reseeds the others).
+
+The learning rate needs nothing: a schedule is a function of the step (softprompt.train.schedules),
+and the order of the batches is a function of (seed, epoch) (softprompt.train.batches).
 
 Test-only hooks (never set them in real runs): `SOFTPROMPT_TEST_STEP_DELAY` (seconds to sleep
 after each optimizer step) and `SOFTPROMPT_TEST_SAVE_DELAY` (seconds to sleep after a checkpoint's
@@ -17,21 +22,32 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from transformers import TrainerCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 COMPLETE = "COMPLETE"
-STATE_FILE = "softprompt_state.json"
+STATE_FILE = "trainer_state.json"
+PROMPTS_FILE = "prompts.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng_state.pt"
 KEEP_LAST = 2
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class Checkpoint:
+    state: dict[str, Any]  # trainer_state.json
+    prompts: list[dict[str, torch.Tensor]]  # per job: parameter name -> tensor
+    optimizers: list[dict[str, Any]]  # per job: optimizer.state_dict()
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:
@@ -54,6 +70,59 @@ def read_state(checkpoint: Path | None) -> dict[str, Any]:
     return json.loads((checkpoint / STATE_FILE).read_text())
 
 
+def save(root: Path, step: int, checkpoint: Checkpoint) -> Path:
+    """Write `checkpoint-{step}` under `root` atomically; keep the newest KEEP_LAST."""
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"checkpoint-{step}"
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=root))
+    written = staging / name
+    written.mkdir()
+    (written / STATE_FILE).write_text(json.dumps(checkpoint.state))
+    torch.save(checkpoint.optimizers, written / OPTIMIZER_FILE)
+    torch.save(checkpoint.prompts, written / PROMPTS_FILE)
+    torch.save(_rng_states(), written / RNG_FILE)
+    _test_save_delay(step)
+    (written / COMPLETE).write_text("")
+    _fsync_tree(written)
+    target = root / name
+    if target.exists():  # the same step saved twice (a rerun of a finished step): keep one
+        shutil.rmtree(target)
+    os.replace(written, target)  # the commit: a checkpoint-N/ is always complete
+    _fsync_dir(root)
+    shutil.rmtree(staging, ignore_errors=True)
+    for old in complete_checkpoints(root)[:-KEEP_LAST]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load(checkpoint: Path) -> Checkpoint:
+    """Read a committed checkpoint and restore the RNG states it holds."""
+    # weights_only: a checkpoint is data, never code to run (tensors, numbers, strings only)
+    _set_rng_states(torch.load(checkpoint / RNG_FILE, weights_only=True))
+    return Checkpoint(state=read_state(checkpoint),
+                      prompts=torch.load(checkpoint / PROMPTS_FILE, weights_only=True),
+                      optimizers=torch.load(checkpoint / OPTIMIZER_FILE, weights_only=True))
+
+
+def _rng_states() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
@@ -70,95 +139,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class AtomicCheckpointsMixin:
-    """Mix into a `Trainer` subclass (before `Trainer` in the bases) to make its checkpoints atomic.
-
-    `resume_state` is what an earlier process left in the checkpoint we resume from;
-    `extra_state()` returns what to store with each new checkpoint (see `softprompt.train.run`).
-    """
-
-    resume_state: dict[str, Any] = {}
-    history: list[dict[str, Any]] | None = None
-    _staging: str | None = None
-
-    def _get_output_dir(self, trial) -> str:
-        # super()._save_checkpoint writes into _get_output_dir(): point it at the staging dir
-        return self._staging or super()._get_output_dir(trial)
-
-    def _get_train_sampler(self, train_dataset=None):
-        sampler = super()._get_train_sampler(train_dataset)
-        if type(sampler) is LengthGroupedSampler and sampler.generator is None:
-            sampler.__class__ = EpochSeededLengthGroupedSampler
-            sampler.seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return sampler
-
-    def loss_sum(self) -> float:
-        """Sum of the per-step training losses of all steps so far, across resumes.
-
-        Reads the Trainer's own accumulators (transformers 5: `_total_loss_scalar` holds the
-        logged intervals, `_tr_loss` the steps since the last log), so the final mean equals
-        the one an uninterrupted run reports.
-        """
-        return self.resume_state.get("loss_sum", 0.0) + self._total_loss_scalar + float(self._tr_loss.item())
-
-    def _save_checkpoint(self, model, trial) -> None:
-        if not self.args.should_save:
-            # multi-process runs: rank 0 alone writes and commits. The one collective in HF's
-            # save is store_flos() (an all-gather): the other ranks must join it. Their RNG states
-            # are not kept, so a DDP resume reseeds them.
-            self.store_flos()
-            return
-        root = Path(self.args.output_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        name = f"checkpoint-{self.state.global_step}"
-        staging = Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=root))
-        self._staging = str(staging)
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging = None
-        written = staging / name
-        state = {"global_step": self.state.global_step, "loss_sum": self.loss_sum(),
-                 "history": list(self.history or [])}
-        (written / STATE_FILE).write_text(json.dumps(state))
-        _test_save_delay(self.state.global_step)
-        (written / COMPLETE).write_text("")
-        _fsync_tree(written)
-        target = root / name
-        if target.exists():  # the same step saved twice (e.g. epoch end == save step): keep one
-            shutil.rmtree(target)
-        os.replace(written, target)  # the commit: a checkpoint-N/ is always complete
-        _fsync_dir(root)
-        shutil.rmtree(staging, ignore_errors=True)
-        for old in complete_checkpoints(root)[:-KEEP_LAST]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
-    """HF's length-grouped order, drawn from (seed, epoch) instead of the global RNG.
-
-    With the global RNG the order of the epoch a run resumes in depends on the RNG state at that
-    epoch's start, which no checkpoint holds: the resumed run would see other batches. The
-    Trainer calls set_epoch() before each epoch (also the one it resumes in).
-    """
-
-    seed = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.generator = torch.Generator().manual_seed(self.seed + int(epoch))
-
-
-def _test_save_delay(step: int) -> None:
-    # test-only: SOFTPROMPT_TEST_SAVE_DELAY=SECONDS[@FROM_STEP] opens a window in which the
-    # checkpoint's files are written but not committed, for saves at FROM_STEP or later
-    spec = os.environ.get("SOFTPROMPT_TEST_SAVE_DELAY")
-    if not spec:
-        return
-    seconds, _, from_step = spec.partition("@")
-    if step >= int(from_step or 0):
-        time.sleep(float(seconds))
-
-
 def remove_staging(directory: Path) -> None:
     """Drop what a kill during a save left behind (never a committed checkpoint)."""
     if directory.is_dir():
@@ -171,22 +151,21 @@ def clear(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-class SaveSchedule(TrainerCallback):
-    """Checkpoint at every epoch end and at the last step, whatever HF's save_strategy says
-    (`training.save_steps` adds HF's step-based saves on top)."""
+# --- test-only hooks -----------------------------------------------------------------------------
 
-    def __init__(self, every_epoch: bool):
-        self.every_epoch = every_epoch
-        self.delay = float(os.environ.get("SOFTPROMPT_TEST_STEP_DELAY", "0") or 0)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.delay:
-            time.sleep(self.delay)  # test-only: slows a tiny run so a test can kill it on time
-        if state.max_steps and state.global_step >= state.max_steps:
-            control.should_save = True
-        return control
+def step_delay_for_tests() -> float:
+    """SOFTPROMPT_TEST_STEP_DELAY=SECONDS: sleep after every optimizer step (slows a tiny run so
+    a test can kill it on time)."""
+    return float(os.environ.get("SOFTPROMPT_TEST_STEP_DELAY", "0") or 0)
 
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if self.every_epoch:
-            control.should_save = True
-        return control
+
+def _test_save_delay(step: int) -> None:
+    # SOFTPROMPT_TEST_SAVE_DELAY=SECONDS[@FROM_STEP] opens a window in which the checkpoint's
+    # files are written but not committed, for saves at FROM_STEP or later
+    spec = os.environ.get("SOFTPROMPT_TEST_SAVE_DELAY")
+    if not spec:
+        return
+    seconds, _, from_step = spec.partition("@")
+    if step >= int(from_step or 0):
+        time.sleep(float(seconds))

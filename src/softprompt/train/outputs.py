@@ -14,22 +14,25 @@ from typing import Any
 from omegaconf import DictConfig
 
 from softprompt.core import keys
-from softprompt.core.config import resolved
 from softprompt.core.rundir import RunDir
 from softprompt.evaluation import interpret
 from softprompt.evaluation.evaluate import comparison_metrics, evaluate
 from softprompt.evaluation.perplexity import PerplexityResult
+from softprompt.models.flops import training_flops
 from softprompt.models.loading import count_parameters
 from softprompt.models.methods import soft_prompt_embeddings, tuned_generation, virtual_tokens_in_logits
+from softprompt.models.portable import adapter_record, save_adapter
 from softprompt.track.wandb_run import Tracker
 
 
 def write_run(cfg: DictConfig, out: Path, loaded, model, data, config: dict[str, Any], name: str,
               wandb_mode: str, *, history: list[dict[str, Any]], rows: list[dict[str, Any]],
-              last_eval: PerplexityResult | None, initial_prompt, train: dict[str, Any]) -> dict[str, Any]:
+              last_eval: PerplexityResult | None, initial_prompt, tokens_seen: int,
+              train: dict[str, Any]) -> dict[str, Any]:
     """`model`: the PEFT model with the job's final prompt; `data`: its softprompt.train.pack.Data;
-    `rows`: what its W&B run logs before the summary (curves, in order); `train`: its `train/*`
-    metrics. Returns metrics.json's content."""
+    `rows`: what its W&B run logs before the summary (curves, in order); `tokens_seen`: the real
+    tokens its prompt was trained on (its trunk's included); `train`: its other `train/*` metrics.
+    Returns metrics.json's content."""
     tokenizer = loaded.tokenizer
     base = data.base
     tuned = evaluate(model, tokenizer, data.val_rows, data.prompts, cfg, num_virtual_tokens=virtual_tokens_in_logits(model),
@@ -51,6 +54,8 @@ def write_run(cfg: DictConfig, out: Path, loaded, model, data, config: dict[str,
         **train,
         keys.TRAIN_TRAINABLE_PARAMS: trainable,
         keys.TRAIN_TOTAL_PARAMS: total,
+        keys.TRAIN_TOKENS_SEEN: tokens_seen,
+        keys.TRAIN_FLOPS: training_flops(model, tokens_seen),
         keys.PEFT_NUM_VIRTUAL_TOKENS: cfg.peft.num_virtual_tokens,
     } | comparison_metrics(base, tuned, data.prompts)
     generations = [{"prompt": p.prompt, **({"reference": p.reference} if p.reference is not None else {}),
@@ -58,11 +63,9 @@ def write_run(cfg: DictConfig, out: Path, loaded, model, data, config: dict[str,
 
     # --- save: adapter and generations first, metrics.json last (its presence = finished) ------
     rundir = RunDir(out)
-    model.peft_config["default"].base_model_name_or_path = loaded.base_path
-    rundir.write_adapter(model.save_pretrained, {
-        "base_model": loaded.base_path, "tokenizer": loaded.tokenizer_path, "model": resolved(cfg.model),
-        "peft": resolved(cfg.peft), "eval": resolved(cfg.eval), "metrics": metrics,
-    })
+    # the base is named portably in adapter_config.json; this machine's copy in the adapter record
+    rundir.write_adapter(lambda folder: save_adapter(model, folder, cfg, metrics),
+                         adapter_record(cfg, loaded.base_path, loaded.tokenizer_path, metrics))
     rundir.write_generations(generations)
     rundir.write_history(history)
     prompt_tokens = None

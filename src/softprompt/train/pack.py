@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from transformers import set_seed
 from softprompt.core import keys
 from softprompt.core.config import resolved
 from softprompt.core.errors import UserError
+from softprompt.core.progress import progress
 from softprompt.core.provenance import provenance
 from softprompt.core.rundir import RunDir
 from softprompt.data.loading import load_splits, tokenize
@@ -130,6 +130,7 @@ class Lane:
     made_from: int = 0  # the member whose settings (and seed) built it: a trunk's longest job, a branch's job
     start: int = 0  # the step it begins at (a branch begins where it leaves its trunk)
     loss_sum: float = 0.0
+    tokens: int = 0  # real tokens trained on (a branch starts with its trunk's)
     since_log: list[float] = field(default_factory=lambda: [0.0, 0])
     history: list[dict[str, Any]] = field(default_factory=list)
     last_eval: tuple[int, PerplexityResult] | None = None
@@ -269,11 +270,16 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
                     _fail(m, lane, msg, wandb_mode, log)
                 lanes.remove(lane)
                 continue
-            real_tokens += int(inputs["attention_mask"].sum())
+            tokens = int(inputs["attention_mask"].sum())  # the rows' own tokens: no pad, no prompt
+            real_tokens += tokens
+            lane.tokens += tokens
             _optimizer_step(lane, step, value, settings.logging_steps, per_epoch_of(lane, settings))
         step += 1
-        if first_step is None:
-            first_step = time.time() - pack_start
+        if first_step is None:  # seconds to the end of the first step: from the pack's start, the process's
+            import psutil
+
+            now = time.time()
+            first_step = (now - pack_start, now - psutil.Process().create_time())
         bar.update(len(lanes))
         if delay:
             time.sleep(delay)  # test-only: slows a tiny pack so a test can kill it on time
@@ -380,6 +386,7 @@ def _branch(trunk: Lane, m: Member, loaded) -> Lane:
             mine.copy_(theirs)
     lane.optimizer.load_state_dict(copy.deepcopy(trunk.optimizer.state_dict()))
     lane.start, lane.loss_sum, lane.since_log = m.leave_at, trunk.loss_sum, list(trunk.since_log)
+    lane.tokens = trunk.tokens
     lane.history, lane.last_eval, lane.initial_prompt = list(trunk.history), trunk.last_eval, trunk.initial_prompt
     m.rows = list(m.rows)
     return lane
@@ -412,7 +419,7 @@ def _save(root: Path, step: int, lanes: list[Lane], members: list[Member], forwa
         "step": step, "forward": forward, "calibration_s": calibration, "dirs": [m.out.name for m in members],
         "members": [{"state": m.state, "error": m.error, "rows": m.rows} for m in members],
         "lanes": [{"members": [m.index for m in lane.members], "made_from": lane.made_from, "total": lane.end,
-                   "start": lane.start, "loss_sum": lane.loss_sum, "since_log": lane.since_log,
+                   "start": lane.start, "loss_sum": lane.loss_sum, "since_log": lane.since_log, "tokens": lane.tokens,
                    "history": lane.history,
                    "last_eval": [lane.last_eval[0], lane.last_eval[1].as_dict()] if lane.last_eval else None}
                   for lane in lanes],
@@ -439,6 +446,7 @@ def _restore(saved, members: list[Member], loaded) -> tuple[int, list[Lane]]:
                     param.copy_(prompt[name])
         lane.optimizer.load_state_dict(optimizer)
         lane.start, lane.loss_sum, lane.since_log = state["start"], state["loss_sum"], list(state["since_log"])
+        lane.tokens = state["tokens"]
         lane.history = list(state["history"])
         if state["last_eval"]:
             lane.last_eval = (state["last_eval"][0], PerplexityResult(**state["last_eval"][1]))
@@ -579,7 +587,7 @@ def _calibrate(lanes: list[Lane], loaded, precision: str, log) -> tuple[str, dic
 
 
 def _finish(m: Member, lane: Lane, loaded, precision: str, started: float, real_tokens: int,
-            first_step: float | None, forward: str, wandb_mode: str, log, resumed_from: int) -> None:
+            first_step: tuple[float, float] | None, forward: str, wandb_mode: str, log, resumed_from: int) -> None:
     """Evaluate the lane's prompt as it is now (this job's last step) and write the job's run."""
     from softprompt.train.outputs import write_run
 
@@ -592,10 +600,12 @@ def _finish(m: Member, lane: Lane, loaded, precision: str, started: float, real_
     m.metrics = write_run(
         m.cfg, m.out, loaded, lane.model, m.data, m.config, m.name, wandb_mode,
         history=m.history, rows=m.rows, last_eval=last[1] if last else None, initial_prompt=lane.initial_prompt,
+        tokens_seen=lane.tokens,
         train={keys.TRAIN_LOSS: lane.loss_sum / max(m.total, 1), keys.TRAIN_EPOCHS: epoch + (batch + 1) / per_epoch,
                keys.TRAIN_STEPS: m.total, keys.TRAIN_RUNTIME_S: seconds,
                keys.TRAIN_TOKENS_PER_SECOND: real_tokens / seconds, keys.TRAIN_PRECISION: precision,
-               keys.TRAIN_TIME_TO_FIRST_STEP_S: first_step,
+               keys.TRAIN_TIME_TO_FIRST_STEP_S: first_step[0] if first_step else None,
+               keys.TRAIN_TIME_TO_FIRST_STEP_PROCESS_S: first_step[1] if first_step else None,
                keys.TRAIN_RESUMED_FROM_STEP: resumed_from} | extra)
     m.state = "finished"
     log(f"pack: {m.out.name} finished: {keys.EVAL_PERPLEXITY} {m.metrics[keys.EVAL_PERPLEXITY]:.4f}")
@@ -614,8 +624,7 @@ def _fail(m: Member, lane: Lane, message: str, wandb_mode: str, log) -> None:
 
 
 def _progress(total: int, lanes: list[Lane], configs: list[DictConfig]):
-    from tqdm.auto import tqdm
-
+    """One bar per pack: its jobs, lanes and budgets; tqdm's ETA from the lane-steps done so far."""
     lengths = sorted({c.training.max_steps or c.training.epochs for c in configs})
     desc = f"pack: {len(configs)} jobs, {len(lanes)} lanes, budgets {','.join(map(str, lengths))}"
-    return tqdm(total=total, desc=desc, unit="step", disable=os.environ.get("SOFTPROMPT_QUIET") == "1")
+    return progress(desc=desc, total=total, unit="step", leave=True)

@@ -1,6 +1,6 @@
 """Which jobs of a sweep can train together, and which of them are one run cut at several lengths.
 
-Pure logic on the composed configs (no torch, no model): `plan(configs)` returns packs, each a
+Pure logic on the composed configs (no model): `plan(configs)` returns packs, each a
 list of trunks, each a list of jobs (indexes into `configs`).
 
 - A **pack** is what one process trains together (softprompt.train.pack): the jobs share the
@@ -25,9 +25,6 @@ from typing import Any, Mapping
 
 # schedules whose rate at a step does not depend on the run's length (until a wsd run's own decay)
 SHARABLE_SCHEDULES = ("constant", "wsd")
-# methods whose wrapper leaves the base model untouched, so several can sit on one base at once
-# (LoRA injects its layers into the base model: each LoRA job trains alone)
-PACKABLE_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 
 # what belongs to one job alone: everything else must be equal for jobs to share a process
 PER_JOB = ("seed", "peft", "wandb", "output_dir", "training.learning_rate", "training.lr_scheduler",
@@ -95,8 +92,11 @@ def plan(configs: list[Any], share: bool = True, max_rows: int | None = None) ->
     if not share:
         return [Pack([Trunk([i], shared=False)]) for i in range(len(plain))]
     groups: dict[str, list[int]] = {}
+    from softprompt.models.methods import get
+
     for i, config in enumerate(plain):
-        if config["peft"]["method"] not in PACKABLE_METHODS:
+        # a method whose wrapper changes the base model (LoRA) trains each job alone
+        if not get(config["peft"]["method"]).shares_base:
             groups[f"alone:{i}"] = [i]
         else:
             groups.setdefault(_without(config, PER_JOB), []).append(i)

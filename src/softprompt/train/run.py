@@ -7,12 +7,13 @@ written last, atomically, so its presence means the run finished.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from transformers import TrainerCallback, set_seed
+from transformers import set_seed
 
 from softprompt.core import distributed, keys
 from softprompt.core.config import resolved
@@ -28,21 +29,26 @@ from softprompt.evaluation.evaluate import (
     evaluate,
     train_subset,
 )
-from softprompt.evaluation.perplexity import perplexity
+from softprompt.models.flops import training_flops
 from softprompt.models.loading import count_parameters, load_model
 from softprompt.models.methods import (
+    METHODS,
     soft_prompt_embeddings,
     tuned_generation,
     virtual_tokens_in_logits,
     wrap,
 )
+from softprompt.models.portable import adapter_record, save_adapter
 from softprompt.track.wandb_run import Tracker, resolve_mode, run_name
 from softprompt.train import preflight, resume
+from softprompt.train.precision import resolve_precision
 from softprompt.train.trainer import (
-    FirstStepClock,
+    EpochEval,
+    LoopSettings,
     NonFiniteLossError,
-    build_trainer,
-    resolve_precision,
+    job_from_config,
+    train,
+    whole_run_loss,
 )
 
 
@@ -59,6 +65,7 @@ def run_directory(cfg: DictConfig, run_dir: str | Path | None) -> Path:
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    started = time.time()  # train/time_to_first_step_s counts from here (the process start: *_process_s)
     # --- setup: every check a user can fail comes before any model is loaded -------------------
     preflight.check(cfg)
     if run_dir is None:
@@ -86,10 +93,12 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     if main:
         RunDir(out).write_config(config)
 
-    tracker = Tracker.start(cfg, out, config, run_name(cfg), mode=wandb_mode, run_id=start.wandb_run_id)
+    name = run_name(cfg, METHODS[cfg.peft.method].tag(cfg.peft))
+    tracker = Tracker.start(cfg, out, config, name, mode=wandb_mode, run_id=start.wandb_run_id)
     resume.remember_wandb_id(out, tracker.run_id)
     try:
-        metrics = _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker, start)
+        metrics = _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker, start,
+                                       started)
         tracker.set_summary(metrics)
     except BaseException:
         tracker.finish(exit_code=1)
@@ -99,7 +108,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
 
 def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker,
-                        start: resume.ResumePoint) -> dict[str, Any]:
+                        start: resume.ResumePoint, started: float) -> dict[str, Any]:
     tokenizer = loaded.tokenizer
     main = distributed.is_main()
     train_ppl_rows = train_subset(train_rows, cfg.eval)
@@ -115,26 +124,21 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
     initial_prompt = soft_prompt_embeddings(model)  # None for prefix tuning and LoRA
     initial_prompt = initial_prompt.clone() if initial_prompt is not None else None
     trainable, total = count_parameters(model)
-    history: list[dict[str, Any]] = list(start.state.get("history", []))  # epochs before a resume
-    epoch_eval = _EpochEval(val_rows, tokenizer.pad_token_id, cfg, n_virtual, base, tracker, history)
-    first_step = FirstStepClock()
-    callbacks = [_LogToTracker(tracker), first_step]
-    if main:
-        callbacks.insert(0, epoch_eval)
-    trainer = build_trainer(model, tokenizer, train_rows, cfg, resume.checkpoint_dir(out), precision, callbacks)
-    trainer.history, trainer.resume_state = history, start.state  # carried in each checkpoint
+    # --- train: a plain run is a set of one job (softprompt.train.trainer) -----------------------
+    job = job_from_config(cfg, model, log=tracker.log,
+                          history_extra={keys.EVAL_BASE_PERPLEXITY: base.perplexity.perplexity} if main else {})
     try:
-        result = trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
+        result = train([job], train_rows, tokenizer.pad_token_id, LoopSettings.from_config(cfg, precision),
+                       checkpoint_dir=resume.checkpoint_dir(out), resume_from=start.checkpoint,
+                       epoch_eval=EpochEval(val_rows, cfg.eval.batch_size * 2) if cfg.eval.per_epoch else None,
+                       run_start=started)
     except NonFiniteLossError as exc:
         raise UserError(str(exc)) from exc
-    train_seconds = result.metrics["train_runtime"]
-    # every rank counted its own shard; all ranks reach this line once, right after training
-    real_tokens = distributed.sum_over_ranks(trainer.real_tokens)
     if not main:
         return {}
 
     # the last per-epoch evaluation already scored these very weights: not computed twice
-    last = epoch_eval.last if epoch_eval.last and epoch_eval.last[0] == trainer.state.global_step else None
+    last = job.last_eval if job.last_eval and job.last_eval[0] == result.steps else None
     tuned = evaluate(model, tokenizer, val_rows, prompts, cfg, num_virtual_tokens=n_virtual, label="tuned",
                      train_rows=train_ppl_rows, validation_result=last[1] if last else None,
                      **tuned_generation(model))
@@ -153,16 +157,19 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
         keys.EVAL_BASE_COMPUTE_S: base.seconds,
         keys.EVAL_TUNED_RUNTIME_S: tuned.seconds,
         keys.EVAL_BASE_CACHED: int(base_cached),
-        keys.TRAIN_LOSS: _whole_run_loss(result.training_loss, trainer.state.global_step, start),
-        keys.TRAIN_EPOCHS: trainer.state.epoch,
-        keys.TRAIN_STEPS: trainer.state.global_step,
-        keys.TRAIN_RUNTIME_S: train_seconds,
-        keys.TRAIN_TOKENS_PER_SECOND: real_tokens / train_seconds,
-        keys.TRAIN_TIME_TO_FIRST_STEP_S: first_step.seconds,
+        keys.TRAIN_LOSS: whole_run_loss(job, result.steps),
+        keys.TRAIN_EPOCHS: result.epoch,
+        keys.TRAIN_STEPS: result.steps,
+        keys.TRAIN_RUNTIME_S: result.seconds,
+        keys.TRAIN_TOKENS_PER_SECOND: result.real_tokens / result.seconds,
+        keys.TRAIN_TIME_TO_FIRST_STEP_S: result.time_to_first_step_s,
+        keys.TRAIN_TIME_TO_FIRST_STEP_PROCESS_S: result.time_to_first_step_process_s,
         keys.TRAIN_TRAINABLE_PARAMS: trainable,
         keys.TRAIN_TOTAL_PARAMS: total,
+        keys.TRAIN_TOKENS_SEEN: result.real_tokens,
+        keys.TRAIN_FLOPS: training_flops(model, result.real_tokens),
         keys.TRAIN_PRECISION: precision,
-        keys.TRAIN_RESUMED_FROM_STEP: start.step,
+        keys.TRAIN_RESUMED_FROM_STEP: result.resumed_from_step,
         keys.PEFT_NUM_VIRTUAL_TOKENS: cfg.peft.num_virtual_tokens,
     } | comparison_metrics(base, tuned, prompts)
     rows = [{"prompt": p.prompt, **({"reference": p.reference} if p.reference is not None else {}),
@@ -170,13 +177,11 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
 
     # --- save: adapter and generations first, metrics.json last (its presence = finished) ------
     rundir = RunDir(out)
-    model.peft_config["default"].base_model_name_or_path = loaded.base_path
-    rundir.write_adapter(model.save_pretrained, {
-        "base_model": loaded.base_path, "tokenizer": loaded.tokenizer_path, "model": resolved(cfg.model),
-        "peft": resolved(cfg.peft), "eval": resolved(cfg.eval), "metrics": metrics,
-    })
+    # the base is named portably in adapter_config.json; this machine's copy in the adapter record
+    rundir.write_adapter(lambda folder: save_adapter(model, folder, cfg, metrics),
+                         adapter_record(cfg, loaded.base_path, loaded.tokenizer_path, metrics))
     rundir.write_generations(rows)
-    rundir.write_history(history)
+    rundir.write_history(job.history)
     if initial_prompt is not None:  # prompt tuning, p-tuning: what the learned prompt is close to
         prompt_tokens = interpret.nearest_tokens(soft_prompt_embeddings(model), model.get_input_embeddings().weight,
                                                  tokenizer, cfg.eval.nearest_tokens, initial=initial_prompt)
@@ -190,45 +195,4 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
     rundir.finish(metrics)
     return metrics
 
-
-def _whole_run_loss(loss_this_attempt: float, global_step: int, start: resume.ResumePoint) -> float:
-    # HF's training_loss averages only the steps of this train() call; a resumed run reports the
-    # mean over all steps, as the uninterrupted run would
-    steps_now = global_step - start.step
-    total = start.state.get("loss_sum", 0.0) + loss_this_attempt * steps_now
-    return total / max(global_step, 1)
-
-
-class _EpochEval(TrainerCallback):
-    """Held-out perplexity after every epoch: a curve, with the base model's value beside it."""
-
-    def __init__(self, val_rows, pad_id, cfg, n_virtual, base, tracker, history):
-        self.val_rows, self.pad_id, self.cfg, self.n_virtual = val_rows, pad_id, cfg, n_virtual
-        self.base, self.tracker, self.history = base, tracker, history
-        self.last = None  # (global_step, PerplexityResult) of the latest evaluation
-
-    def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        if not self.cfg.eval.per_epoch:
-            return
-        result = perplexity(model, self.val_rows, self.pad_id, self.cfg.eval.batch_size * 2, self.n_virtual)
-        self.last = (state.global_step, result)
-        row = {keys.EPOCH: round(state.epoch or 0, 4), keys.TRAIN_STEP: state.global_step,
-               keys.EVAL_LOSS: result.loss, keys.EVAL_PERPLEXITY: result.perplexity,
-               keys.EVAL_BASE_PERPLEXITY: self.base.perplexity.perplexity}
-        self.history.append(row)
-        self.tracker.log(row)
-
-
-class _LogToTracker(TrainerCallback):
-    """Trainer's log lines (loss, learning rate, grad norm) under our key names."""
-
-    NAMES = {"loss": keys.TRAIN_LOSS, "learning_rate": keys.TRAIN_LEARNING_RATE, "grad_norm": keys.TRAIN_GRAD_NORM}
-
-    def __init__(self, tracker):
-        self.tracker = tracker
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        values = {self.NAMES[k]: v for k, v in (logs or {}).items() if k in self.NAMES}
-        if values:
-            self.tracker.log(values | {keys.TRAIN_STEP: state.global_step, keys.EPOCH: state.epoch})
 
