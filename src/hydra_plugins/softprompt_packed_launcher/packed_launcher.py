@@ -88,13 +88,15 @@ class PackedLauncher(Launcher):
 
     def _run_pack(self, pack, sweep_configs, task_configs, job_overrides) -> list[JobReturn]:
         from softprompt.core.errors import UserError
+        from softprompt.models.methods import get as get_method
         from softprompt.track.wandb_run import run_name
         from softprompt.train.pack import run_pack
 
         dirs, names = [], []
         for i in pack.jobs:
             dirs.append(_prepare_job_dir(sweep_configs[i], task_configs[i]))
-            names.append(run_name(task_configs[i], overrides=list(job_overrides[i])))
+            tag = get_method(task_configs[i].peft.method).tag(task_configs[i].peft)
+            names.append(run_name(task_configs[i], tag, overrides=list(job_overrides[i])))
         trunks = [[pack.jobs.index(i) for i in t.jobs] for t in pack.trunks]
         try:
             members = run_pack([task_configs[i] for i in pack.jobs], dirs, trunks, names=names)

@@ -55,6 +55,7 @@ from softprompt.evaluation.evaluate import eval_prompts, train_subset
 from softprompt.evaluation.perplexity import PerplexityResult, perplexity
 from softprompt.models.fast_loss import prompt_tuning_loss, supports_fast_loss
 from softprompt.models.loading import load_model
+from softprompt.models.methods import get as get_method
 from softprompt.models.methods import virtual_tokens_in_logits, wrap
 from softprompt.track.wandb_run import resolve_mode, run_name
 from softprompt.train import checkpoints
@@ -187,7 +188,7 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
         data = data_by_seed[cfg.seed]
         per_epoch = steps_per_epoch(len(data.train_rows), cfg.training.batch_size)
         total = cfg.training.max_steps or cfg.training.epochs * per_epoch
-        name = names[i] if names else run_name(cfg, overrides=[])
+        name = names[i] if names else run_name(cfg, get_method(cfg.peft.method).tag(cfg.peft), overrides=[])
         members.append(Member(i, cfg, out, data, total=total, leave_at=total, name=name))
 
     lanes: list[Lane] = []
