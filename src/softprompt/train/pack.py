@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -277,8 +278,6 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
             _optimizer_step(lane, step, value, settings.logging_steps, per_epoch_of(lane, settings))
         step += 1
         if first_step is None:  # seconds to the end of the first step: from the pack's start, the process's
-            import psutil
-
             now = time.time()
             first_step = (now - pack_start, now - psutil.Process().create_time())
         bar.update(len(lanes))
