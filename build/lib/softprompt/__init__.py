@@ -1,1 +1,0 @@
-"""softprompt: prompt tuning of causal LMs."""
