@@ -31,6 +31,7 @@ PEFT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning", "lora")
 PEFT_INITS = ("random", "text", "sample_vocab", "from_run")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PRECISIONS = ("auto", "fp32", "bf16")
+PACK_FORWARDS = ("auto", "concat", "turns")  # softprompt.train.pack
 MODEL_SOURCES = ("pretrained", "gguf_package", "tiny")
 TINY_ARCHITECTURES = ("bloom", "llama")
 SCHEDULERS = ("linear", "cosine", "constant", "wsd")  # softprompt.train.schedules
@@ -116,6 +117,9 @@ class TrainingConfig:
     resume: bool = MISSING
     save_every_epoch: bool = MISSING
     save_steps: Optional[int] = MISSING  # also checkpoint every N optimizer steps (null: epochs only)
+    # packed sweeps (softprompt.train.pack): how the rows of a pack's jobs go through the base model
+    pack_forward: str = MISSING
+    pack_max_rows: Optional[int] = MISSING  # training rows per step in one pack (jobs x batch size); null: no cap
 
 
 @dataclass
@@ -234,6 +238,11 @@ def validate(cfg: DictConfig) -> None:
         _check(t.save_steps >= 1, f"training.save_steps must be >= 1 or null (got {t.save_steps})")
     if t.num_threads is not None:
         _check(t.num_threads >= 1, f"training.num_threads must be >= 1 or null (got {t.num_threads})")
+    _check(t.pack_forward in PACK_FORWARDS,
+           f"training.pack_forward={t.pack_forward!r} is not one of {', '.join(PACK_FORWARDS)}")
+    if t.pack_max_rows is not None:
+        _check(t.pack_max_rows >= t.batch_size, f"training.pack_max_rows must be >= training.batch_size "
+               f"({t.batch_size}) or null (got {t.pack_max_rows})")
     _check(e.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1 (got {e.max_new_tokens})")
     _check(e.repetition_penalty > 0, f"eval.repetition_penalty must be > 0 (got {e.repetition_penalty})")
     _check(e.batch_size >= 1, f"eval.batch_size must be >= 1 (got {e.batch_size})")

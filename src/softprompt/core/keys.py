@@ -70,3 +70,8 @@ REQUIRED_METRICS = (
     TRAIN_TRAINABLE_PARAMS,
     PEFT_NUM_VIRTUAL_TOKENS,
 )
+
+# packed sweeps (softprompt.train.pack): in metrics.json of a job trained in a pack
+PACK_JOBS = "pack/jobs"  # jobs trained together in its process
+PACK_FORWARD = "pack/forward"  # concat or turns: how the pack's rows went through the base model
+PACK_TRUNK_STEPS = "pack/trunk_steps"  # optimizer steps it shared with a job of another length

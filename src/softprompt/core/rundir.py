@@ -12,6 +12,7 @@ Layout (SPEC.md, "What one run leaves"):
       history.jsonl        one object per per-epoch evaluation
       prompt_tokens.jsonl  nearest vocabulary tokens per virtual token (prompt tuning, p-tuning)
       metrics.json         written LAST: its presence means the run finished
+      failed.json          a job of a pack that failed (its error); the pack's other jobs went on
       .hydra/, train.log   Hydra's (when run through Hydra)
 
 Nothing else in the code base spells these names: writers call the `write_*` methods, readers
@@ -40,6 +41,7 @@ class RunDir:
     GENERATIONS = "generations.jsonl"
     HISTORY = "history.jsonl"
     PROMPT_TOKENS = "prompt_tokens.jsonl"
+    FAILED = "failed.json"  # softprompt.train.pack: a job that failed while the rest of its pack went on
     WANDB = "wandb"
     WANDB_RUN_ID = "wandb_run_id"
     CHECKPOINTS = "checkpoints"
@@ -85,6 +87,10 @@ class RunDir:
     @property
     def prompt_tokens(self) -> Path:
         return self.path / self.PROMPT_TOKENS
+
+    @property
+    def failed(self) -> Path:
+        return self.path / self.FAILED
 
     @property
     def wandb(self) -> Path:
@@ -190,6 +196,10 @@ class RunDir:
 
     def write_prompt_tokens(self, rows: Iterable[dict[str, Any]]) -> None:
         self._write(self.prompt_tokens, _jsonl(rows))
+
+    def write_failed(self, record: dict[str, Any]) -> None:
+        """A job of a pack that failed (e.g. a NaN loss) while the rest of its pack went on."""
+        self._write(self.failed, _json(record))
 
     def finish(self, metrics: dict[str, Any]) -> None:
         """metrics.json, the run's last write: from here on the run counts as finished."""

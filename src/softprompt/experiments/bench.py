@@ -25,6 +25,7 @@ import os
 import platform
 import resource
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -210,7 +211,13 @@ def physical_cores() -> int:
 
 
 def main(argv=None) -> int:
-    """`python scripts/bench.py ...` / the console script softprompt-bench: prints the JSON."""
+    """`python scripts/bench.py ...` / the console script softprompt-bench: prints the JSON.
+    With `--sweep SWEEP.yaml`: a sweep alone-per-job vs shared (softprompt.experiments.sweep_bench)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--sweep" or a.startswith("--sweep=") for a in args):
+        from softprompt.experiments.sweep_bench import main as sweep_main
+
+        return sweep_main(args)
     measure(argv)
     return 0
 

@@ -4,7 +4,8 @@ each job, `softprompt.train.run.run` trains it, and the finished job's metrics g
 The same file works with `wandb sweep FILE` + `wandb agent` where the service is reachable: its
 parameters are Hydra overrides (`peft.num_virtual_tokens=8`), passed by the agent through
 `${args_no_hyphens}` and here through Hydra's compose API. All jobs run in this one process, so
-imports, the tokenization cache and model files are paid for once (see docs/sweeps.md).
+imports, the tokenization cache and model files are paid for once; jobs that can share train
+together as packs (softprompt.train.planner and .pack; docs/sweeps.md), unless `share=False`.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Job:
     history: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
+    pack: dict[str, Any] | None = None  # the pack it trained in: its jobs and wall time split (None: alone)
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -233,8 +235,13 @@ def planned_count(sweep: Sweep, count: int | None) -> int | None:
 
 
 def run_sweep(sweep: Sweep, extra: list[str], count: int | None = None, root: str | Path = "multirun",
-              seed: int = 0, log=print) -> tuple[Path, list[Job]]:
-    """Run the sweep's jobs one after another in this process; returns (sweep dir, jobs)."""
+              seed: int = 0, log=print, share: bool = True, pack: int = 1) -> tuple[Path, list[Job]]:
+    """Run the sweep's jobs in this process; returns (sweep dir, jobs).
+
+    `share`: jobs that can train together do (softprompt.train.planner): a grid is planned whole,
+    random/bayes proposals `pack` at a time (the search sees their results before it proposes
+    the next ones). `share=False`: each job alone, one after another.
+    """
     import numpy as np
 
     limit = planned_count(sweep, count)
@@ -247,34 +254,68 @@ def run_sweep(sweep: Sweep, extra: list[str], count: int | None = None, root: st
     random.seed(seed)
     np.random.seed(seed)
     defaults = [f"wandb.group={sweep_id}", "wandb.mode=offline"]
+    if not share:
+        batch_size = 1
+    elif sweep.method == "grid":
+        batch_size = None  # the whole grid (or --count of it) at once
+    else:
+        batch_size = max(1, pack)
 
     jobs: list[Job] = []
     started = time.perf_counter()
     # jobs done / left and an ETA (tqdm's, from the mean job time so far), on stderr
     bar = progress(desc=f"sweep {sweep.name}", total=limit or grid_size(sweep), unit="job", min_total=1, leave=True)
     while limit is None or len(jobs) < limit:
-        values = propose(sweep, jobs)
-        if values is None:
+        batch: list[Job] = []
+        while (batch_size is None or len(batch) < batch_size) and (limit is None or len(jobs) + len(batch) < limit):
+            values = propose(sweep, jobs + batch)  # proposed but not run yet: "running" to the search
+            if values is None:
+                break
+            batch.append(Job(index=len(jobs) + len(batch), values=values,
+                             run_dir=sweep_dir / str(len(jobs) + len(batch))))
+        if not batch:
             break
-        job = Job(index=len(jobs), values=values, run_dir=sweep_dir / str(len(jobs)))
-        jobs.append(job)
-        overrides = merge_overrides(job_overrides(values) + defaults, extra)
-        log(f"[sweep {sweep.name}] job {job.index}" + (f"/{limit}" if limit else "") + ": " + " ".join(overrides))
-        _run_job(job, overrides)
+        jobs.extend(batch)
+        overrides = [merge_overrides(job_overrides(j.values) + defaults, extra) for j in batch]
+        for job, o in zip(batch, overrides):
+            log(f"[sweep {sweep.name}] job {job.index}" + (f"/{limit}" if limit else "") + ": " + " ".join(o))
+        _run_batch(batch, overrides, share, sweep, log)
         _write_state(sweep_dir, sweep, sweep_id, extra, jobs, time.perf_counter() - started)
-        log(f"[sweep {sweep.name}] job {job.index} {job.state} in {job.seconds:.1f} s"
-            + (f": {_metric_line(sweep, job)}" if job.state == "finished" else f": {job.error}"))
-        bar.update(1)
+        bar.update(len(batch))
     bar.close()
     return sweep_dir, jobs
 
 
-def _run_job(job: Job, overrides: list[str]) -> None:
+def _run_batch(batch: list[Job], overrides: list[list[str]], share: bool, sweep: Sweep, log) -> None:
+    """Plan the batch into packs and run each: a pack of one as a plain run, larger ones together."""
+    from softprompt.train.planner import describe, plan
+
+    composed = []
+    for job, o in zip(batch, overrides):
+        try:
+            composed.append((job, compose(o)))
+        except UserError as exc:
+            job.state, job.error = "failed", str(exc)
+    configs = [cfg for _, cfg in composed]
+    for pack in plan(configs, share=share):
+        members = [composed[i][0] for i in pack.jobs]
+        if len(members) == 1:
+            _run_job(members[0], configs[pack.jobs[0]])
+        else:
+            log(f"[sweep {sweep.name}] pack of jobs {', '.join(str(j.index) for j in members)}: "
+                f"{describe(pack, configs)}")
+            _run_pack(members, [configs[i] for i in pack.jobs],
+                      [[pack.jobs.index(i) for i in t.jobs] for t in pack.trunks])
+        for job in members:
+            log(f"[sweep {sweep.name}] job {job.index} {job.state} in {job.seconds:.1f} s"
+                + (f": {_metric_line(sweep, job)}" if job.state == "finished" else f": {job.error}"))
+
+
+def _run_job(job: Job, cfg) -> None:
     from softprompt.train.run import run
 
     t0 = time.perf_counter()
     try:
-        cfg = compose(overrides)
         job.metrics = run(cfg, run_dir=job.run_dir)
         job.state = "finished"
         job.history = RunDir(job.run_dir).read_history()
@@ -283,6 +324,25 @@ def _run_job(job: Job, overrides: list[str]) -> None:
         # sweep goes on and the search learns that this region is bad
         job.state, job.error = "failed", str(exc)
     job.seconds = time.perf_counter() - t0
+
+
+def _run_pack(jobs: list[Job], configs: list, trunks: list[list[int]]) -> None:
+    from softprompt.train.pack import run_pack
+
+    t0 = time.perf_counter()
+    try:
+        members = run_pack(configs, [j.run_dir for j in jobs], trunks)
+    except UserError as exc:
+        for job in jobs:
+            job.state, job.error = "failed", str(exc)
+        members = []
+    seconds = time.perf_counter() - t0
+    for job, member in zip(jobs, members):
+        job.state, job.error, job.metrics = member.state, member.error, member.metrics
+        job.pack = {"jobs": [j.index for j in jobs]} | member.pack_seconds
+        job.history = RunDir(job.run_dir).read_history() if member.state == "finished" else []
+    for job in jobs:
+        job.seconds = seconds  # the pack's wall time: its jobs trained together
 
 
 def _metric_line(sweep: Sweep, job: Job) -> str:
@@ -298,19 +358,22 @@ def _write_state(sweep_dir: Path, sweep: Sweep, sweep_id: str, extra: list[str],
         "run_cap": sweep.run_cap, "overrides": list(extra), "wall_s": round(seconds, 2),
         "jobs": [{"index": j.index, "dir": j.run_dir.name, "values": j.values, "state": j.state,
                   "seconds": round(j.seconds, 2), "error": j.error,
-                  "metric": j.metrics.get((sweep.metric or {}).get("name", keys.EVAL_PERPLEXITY))} for j in jobs],
+                  "metric": j.metrics.get((sweep.metric or {}).get("name", keys.EVAL_PERPLEXITY)),
+                  **({"pack": j.pack} if j.pack else {})} for j in jobs],
     }
     atomic.write_json(sweep_dir / SWEEP_STATE, state)
 
 
 # --- command line: python scripts/sweep.py SWEEP.yaml ... (console script softprompt-sweep) --------
 
-CLI_DOC = """python scripts/sweep.py SWEEP.yaml [--count N] [--seed S] [--root DIR] [overrides...]
+CLI_DOC = """python scripts/sweep.py SWEEP.yaml [--count N] [--seed S] [--root DIR] [--no-share] [--pack N] [overrides...]
 
 Runs a W&B sweep file offline, without the W&B service: the same parameter semantics (grid,
 random, bayes; values and distributions; run_cap) through the `sweeps` package that W&B's
 controller uses. Each job is one run of `train.py` with the sweep's values plus OVERRIDES, in
 multirun/sweep-<name>-<time>/<i>/, with its own offline W&B run, grouped by sweep.
+By default jobs that can share train together (epoch trunks, packed prompts: docs/sweeps.md);
+--no-share runs each alone. Every grid point leaves its own run directory either way.
 Then: python scripts/report.py multirun/sweep-<name>-<time>
 """
 
@@ -323,14 +386,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="run at most N jobs (default: the whole grid, or run_cap)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random/bayes search (default 0)")
     parser.add_argument("--root", default="multirun", help="where the sweep dir goes (default multirun/)")
+    parser.add_argument("--no-share", action="store_true",
+                        help="train every job alone (default: jobs that can share a process and epoch trunks do)")
+    parser.add_argument("--pack", type=int, default=1,
+                        help="random/bayes: propose and train N jobs at a time as one pack (default 1)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every job, e.g. model=tiny-bloom")
     # overrides may come before or after the options
     args = parser.parse_intermixed_args(argv)
     try:
         if args.count is not None and args.count < 1:
             raise UserError(f"--count must be >= 1 (got {args.count})")
+        if args.pack < 1:
+            raise UserError(f"--pack must be >= 1 (got {args.pack})")
         sweep = load_sweep(args.sweep_file)
-        sweep_dir, jobs = run_sweep(sweep, args.overrides, count=args.count, root=args.root, seed=args.seed)
+        sweep_dir, jobs = run_sweep(sweep, args.overrides, count=args.count, root=args.root, seed=args.seed,
+                                    share=not args.no_share, pack=args.pack)
     except UserError as exc:
         report_and_exit(str(exc))
     finished = sum(j.state == "finished" for j in jobs)

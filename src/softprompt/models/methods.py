@@ -56,6 +56,9 @@ class Method:
     fast_loss: bool
     # cfg.peft -> the size part of a run name ("vt8", "r8")
     size_tag: Callable[[DictConfig], str]
+    # its wrapper leaves the base model as it is, so several jobs' adapters can sit on one base in
+    # one process (softprompt.train.pack); LoRA injects its layers into the base
+    shares_base: bool
 
     def tag(self, peft_cfg: DictConfig) -> str:
         """The run-name tag: `vt8` for prompt tuning (the seed's method, kept short),
@@ -149,21 +152,21 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("prompt_tuning", "prompt_tuning", "PROMPT_TUNING",
            "the base model with the trained soft prompt (input embeddings) before the text",
            _prompt_tuning_config, soft_prompt=True, uses_virtual_tokens=True, generator=_with_soft_prompt,
-           fast_loss=True, size_tag=_virtual_tokens),
+           fast_loss=True, size_tag=_virtual_tokens, shares_base=True),
     Method("prefix_tuning", "prefix_tuning", "PREFIX_TUNING",
            "the base model with the trained prefix in every layer's key/value cache",
            _prefix_tuning_config, soft_prompt=False, uses_virtual_tokens=True, generator=_with_prefix_cache,
            # its prompt is not in the input embeddings: the fast loss's [prompt, text] input does not apply
-           fast_loss=False, size_tag=_virtual_tokens),
+           fast_loss=False, size_tag=_virtual_tokens, shares_base=True),
     Method("p_tuning", "p_tuning", "P_TUNING",
            "the base model with the soft prompt from the trained prompt encoder before the text",
            _p_tuning_config, soft_prompt=True, uses_virtual_tokens=True, generator=_with_soft_prompt,
-           fast_loss=True, size_tag=_virtual_tokens),
+           fast_loss=True, size_tag=_virtual_tokens, shares_base=True),
     Method("lora", "lora", "LORA",
            "the base model with the trained low-rank (LoRA) updates in its attention projections",
            _lora_config, soft_prompt=False, uses_virtual_tokens=False, generator=_with_active_adapters,
            # the adapters change every layer: the fast loss's frozen-decoder path does not apply
-           fast_loss=False, size_tag=lambda cfg: f"r{cfg.lora_r}"),
+           fast_loss=False, size_tag=lambda cfg: f"r{cfg.lora_r}", shares_base=False),
 )}
 
 METHODS_BY_TYPE: dict[str, Method] = {m.peft_type: m for m in METHODS.values()}

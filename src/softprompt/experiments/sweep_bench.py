@@ -1,0 +1,123 @@
+"""`scripts/bench.py --sweep SWEEP.yaml`: the same sweep trained alone-per-job and shared, timed in
+one invocation, with the largest difference between the two modes' results.
+
+Each mode runs in a fresh child process (as `scripts/sweep.py` would: imports and first calls paid
+in both), shared first: both use the same softprompt cache, so the base-model evaluation and the
+tokenisation that the shared mode computes are cache hits for the alone mode, and the ratio errs
+against sharing. The wall time of a mode is the child's, from start to exit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import softprompt
+from softprompt.core import keys
+from softprompt.core.errors import UserError
+from softprompt.core.rundir import RunDir
+
+MODES = (("shared", True), ("alone", False))
+
+
+def bench_sweep(sweep_file: str, overrides: list[str], root: str | Path | None = None, count: int | None = None,
+                log=print) -> dict[str, Any]:
+    from softprompt.experiments.sweep import load_sweep
+
+    sweep = load_sweep(sweep_file)  # a bad file fails here, before any child starts
+    root = Path(root or tempfile.mkdtemp(prefix="softprompt-sweep-bench-"))
+    src = str(Path(softprompt.__file__).resolve().parents[1])
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    modes: dict[str, dict[str, Any]] = {}
+    for mode, _ in MODES:
+        command = [sys.executable, "-m", "softprompt.experiments.sweep_bench", "--mode", mode, "--sweep",
+                   str(sweep_file), "--root", str(root / mode), *(["--count", str(count)] if count else []),
+                   *overrides]
+        t0 = time.perf_counter()
+        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
+        seconds = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise UserError(f"the {mode} sweep failed (exit {done.returncode}); its output is above")
+        sweep_dir = Path(done.stdout.strip().splitlines()[-1])
+        state = json.loads((sweep_dir / "sweep.json").read_text())
+        jobs = {}
+        for job in state["jobs"]:
+            run = RunDir(sweep_dir / job["dir"])
+            metrics = run.read_metrics() if run.finished else {}
+            jobs[json.dumps(job["values"], sort_keys=True)] = job | {"metrics": metrics}
+        modes[mode] = {"wall_s": seconds, "dir": str(sweep_dir), "jobs": jobs}
+        log(f"[bench] {mode}: {len(jobs)} jobs in {seconds:.1f} s ({sweep_dir})")
+
+    diffs, per_job = [], []
+    for point, alone in modes["alone"]["jobs"].items():
+        shared = modes["shared"]["jobs"].get(point, {})
+        a = alone["metrics"].get(keys.EVAL_PERPLEXITY)
+        s = shared.get("metrics", {}).get(keys.EVAL_PERPLEXITY)
+        rel = abs(s - a) / abs(a) if a is not None and s is not None else None
+        if rel is not None:
+            diffs.append(rel)
+        per_job.append({"values": alone["values"], "alone": a, "shared": s, "rel_diff": rel,
+                        "alone_state": alone["state"], "shared_state": shared.get("state")})
+    alone_s, shared_s = modes["alone"]["wall_s"], modes["shared"]["wall_s"]
+    return {
+        "sweep": sweep.name, "jobs": len(per_job), "overrides": list(overrides),
+        "alone_wall_s": round(alone_s, 2), "shared_wall_s": round(shared_s, 2),
+        "ratio": alone_s / shared_s if shared_s else math.nan,
+        "max_rel_diff_eval_perplexity": max(diffs) if diffs else None,
+        "compared": len(diffs), "per_job": per_job,
+        "dirs": {"alone": modes["alone"]["dir"], "shared": modes["shared"]["dir"]},
+        "load_average_after": list(os.getloadavg()),
+    }
+
+
+def _one_mode(mode: str, sweep_file: str, root: str, count: int | None, overrides: list[str]) -> None:
+    """The child: one mode of the bench, in its own process; prints the sweep dir last."""
+    from softprompt.experiments.sweep import load_sweep, run_sweep
+
+    share = dict(MODES)[mode]
+    sweep_dir, _ = run_sweep(load_sweep(sweep_file), overrides, count=count, root=root, share=share,
+                             log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(sweep_dir, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from softprompt.core.errors import report_and_exit
+
+    parser = argparse.ArgumentParser(description="time a sweep alone-per-job and shared, in one invocation")
+    parser.add_argument("--sweep", required=True, help="a W&B sweep YAML, e.g. sweeps/pack_small.yaml")
+    parser.add_argument("--count", type=int, default=None, help="at most N jobs per mode")
+    parser.add_argument("--root", default=None, help="where both sweeps' run dirs go (default: a temp dir)")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--mode", choices=[m for m, _ in MODES], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every job, e.g. dataset.path=FILE")
+    args = parser.parse_intermixed_args(argv)
+    os.environ.setdefault("SOFTPROMPT_QUIET", "1")
+    try:
+        if args.mode:
+            _one_mode(args.mode, args.sweep, args.root, args.count, args.overrides)
+            return 0
+        result = bench_sweep(args.sweep, args.overrides, root=args.root, count=args.count,
+                             log=lambda line: print(line, flush=True))
+    except UserError as exc:
+        report_and_exit(str(exc))
+    text = json.dumps(result, indent=2)
+    print(text, flush=True)
+    print(f"alone {result['alone_wall_s']:.1f} s, shared {result['shared_wall_s']:.1f} s: "
+          f"{result['ratio']:.2f}x; largest relative difference of {keys.EVAL_PERPLEXITY}: "
+          f"{result['max_rel_diff_eval_perplexity']}", flush=True)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

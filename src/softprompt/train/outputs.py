@@ -1,0 +1,99 @@
+"""The end of a run: evaluate the tuned prompt, write the run directory, finish its W&B run.
+
+Used by the pack engine (softprompt.train.pack) for each of its jobs, so that a packed job leaves
+exactly what a standalone run leaves: adapter/, generations.jsonl, history.jsonl,
+prompt_tokens.jsonl, the W&B run with its curves, tables and adapter artifact, and metrics.json
+last (its presence means the run finished).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from softprompt.core import keys
+from softprompt.core.rundir import RunDir
+from softprompt.evaluation import interpret
+from softprompt.evaluation.evaluate import comparison_metrics, evaluate
+from softprompt.evaluation.perplexity import PerplexityResult
+from softprompt.models.flops import training_flops
+from softprompt.models.loading import count_parameters
+from softprompt.models.methods import (
+    soft_prompt_embeddings,
+    tuned_generation,
+    virtual_tokens_in_logits,
+)
+from softprompt.models.portable import adapter_record, save_adapter
+from softprompt.track.wandb_run import Tracker
+
+
+def write_run(cfg: DictConfig, out: Path, loaded, model, data, config: dict[str, Any], name: str,
+              wandb_mode: str, *, history: list[dict[str, Any]], rows: list[dict[str, Any]],
+              last_eval: PerplexityResult | None, initial_prompt, tokens_seen: int,
+              train: dict[str, Any]) -> dict[str, Any]:
+    """`model`: the PEFT model with the job's final prompt; `data`: its softprompt.train.pack.Data;
+    `rows`: what its W&B run logs before the summary (curves, in order); `tokens_seen`: the real
+    tokens its prompt was trained on (its trunk's included); `train`: its other `train/*` metrics.
+    Returns metrics.json's content."""
+    tokenizer = loaded.tokenizer
+    base = data.base
+    tuned = evaluate(model, tokenizer, data.val_rows, data.prompts, cfg, num_virtual_tokens=virtual_tokens_in_logits(model),
+                     label="tuned", train_rows=data.train_ppl_rows, validation_result=last_eval,
+                     **tuned_generation(model))
+    trainable, total = count_parameters(model)
+    metrics = {
+        keys.EVAL_PERPLEXITY: tuned.perplexity.perplexity,
+        keys.EVAL_BASE_PERPLEXITY: base.perplexity.perplexity,
+        keys.EVAL_LOSS: tuned.perplexity.loss,
+        keys.EVAL_BASE_LOSS: base.perplexity.loss,
+        keys.EVAL_PPL_RATIO: tuned.perplexity.perplexity / base.perplexity.perplexity,
+        keys.EVAL_TOKENS: tuned.perplexity.tokens,
+        keys.EVAL_RUNTIME_S: data.base_seconds + tuned.seconds,
+        keys.EVAL_BASE_RUNTIME_S: data.base_seconds,
+        keys.EVAL_BASE_COMPUTE_S: base.seconds,
+        keys.EVAL_TUNED_RUNTIME_S: tuned.seconds,
+        keys.EVAL_BASE_CACHED: int(data.base_cached),
+        **train,
+        keys.TRAIN_TRAINABLE_PARAMS: trainable,
+        keys.TRAIN_TOTAL_PARAMS: total,
+        keys.TRAIN_TOKENS_SEEN: tokens_seen,
+        keys.TRAIN_FLOPS: training_flops(model, tokens_seen),
+        keys.PEFT_NUM_VIRTUAL_TOKENS: cfg.peft.num_virtual_tokens,
+    } | comparison_metrics(base, tuned, data.prompts)
+    generations = [{"prompt": p.prompt, **({"reference": p.reference} if p.reference is not None else {}),
+                    "base": b, "tuned": t} for p, b, t in zip(data.prompts, base.generations, tuned.generations)]
+
+    # --- save: adapter and generations first, metrics.json last (its presence = finished) ------
+    rundir = RunDir(out)
+    # the base is named portably in adapter_config.json; this machine's copy in the adapter record
+    rundir.write_adapter(lambda folder: save_adapter(model, folder, cfg, metrics),
+                         adapter_record(cfg, loaded.base_path, loaded.tokenizer_path, metrics))
+    rundir.write_generations(generations)
+    rundir.write_history(history)
+    prompt_tokens = None
+    if initial_prompt is not None:  # prompt tuning, p-tuning: what the learned prompt is close to
+        prompt_tokens = interpret.nearest_tokens(soft_prompt_embeddings(model), model.get_input_embeddings().weight,
+                                                 tokenizer, cfg.eval.nearest_tokens, initial=initial_prompt)
+        rundir.write_prompt_tokens(prompt_tokens)
+
+    tracker = Tracker.start(cfg, out, config, name, mode=wandb_mode)
+    try:
+        for row in rows:
+            tracker.log(row)
+        if prompt_tokens is not None:
+            tracker.log_table(interpret.TABLE_KEY, interpret.TABLE_COLUMNS, interpret.table_rows(prompt_tokens))
+        tracker.log_table(keys.GENERATIONS_TABLE, ["prompt", "reference", "base", "tuned"],
+                          [[r["prompt"], r.get("reference", ""), r["base"], r["tuned"]] for r in generations])
+        tracker.log_adapter(rundir.adapter, name=f"adapter-{cfg.model.name}-{cfg.dataset.name}", metadata={
+            "base_model": cfg.model.name_or_path, "base_model_path": loaded.base_path,
+            "peft_method": cfg.peft.method, "num_virtual_tokens": cfg.peft.num_virtual_tokens, **metrics})
+        tracker.set_summary(metrics)
+        rundir.finish(metrics)
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish(exit_code=0)
+    return metrics
+
