@@ -179,13 +179,12 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
     run_dir = tmp_path / "run"
     real_save = checkpoints.torch.save
 
-    def save(obj, path, *args, **kwargs):
-        path = Path(path) if isinstance(path, (str, os.PathLike)) else None
-        if path is not None and path.parent.name == "checkpoint-6" and path.name == checkpoints.PROMPTS_FILE:
-            path.write_bytes(b"\0" * 100)  # half a file, as a real full disk leaves it
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return real_save(obj, path if path is not None else args[0], *args, **kwargs) if path is not None \
-            else real_save(obj, *args, **kwargs)
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and Path(f).parent.name == "checkpoint-6" \
+                and Path(f).name == checkpoints.PROMPTS_FILE:
+            Path(f).write_bytes(b"\0" * 100)  # half a file, as a real full disk leaves it
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(checkpoints.torch, "save", save)
     status, stderr = _cli_in_process([*FAULTY, f"hydra.run.dir={run_dir}"], capsys)
