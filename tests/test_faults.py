@@ -254,11 +254,14 @@ def test_sigkill_and_resume_leave_one_wandb_run_in_two_files(tmp_path, uninterru
     killed, resumed = (read_runs(d)[0] for d in dirs)
     assert killed.exit_code is None and resumed.exit_code == 0  # the killed file has no exit record
     steps_killed, steps_resumed = _train_steps(killed), _train_steps(resumed)
-    # together every step; the steps after checkpoint-3 that the killed attempt logged come twice,
-    # with the same values (the resumed attempt recomputes them exactly)
+    # the resumed file: every step after the checkpoint, once. The killed file: the steps wandb-core
+    # had written when the kill came, a prefix (measured: 1-2 of the 3-4 logged; the rest of its
+    # buffer died with it), so a step between that prefix and the checkpoint can be in neither file
     assert steps_resumed == list(range(4, 13))
-    assert steps_killed[:3] == [1, 2, 3] and steps_killed == list(range(1, len(steps_killed) + 1))
-    assert sorted(set(steps_killed) | set(steps_resumed)) == list(range(1, 13))
+    assert steps_killed == list(range(1, len(steps_killed) + 1))
+    print(f"killed attempt's W&B file holds steps {steps_killed}")
+    # steps in both files (logged after the checkpoint, before the kill) have the same values:
+    # the resumed attempt recomputes them exactly
     again = {row[keys.TRAIN_STEP]: row[keys.TRAIN_LOSS] for row in resumed.history if keys.TRAIN_LOSS in row}
     for row in killed.history:
         if keys.TRAIN_LOSS in row and row[keys.TRAIN_STEP] > 3:
