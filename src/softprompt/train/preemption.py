@@ -20,7 +20,7 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from softprompt.core.rundir import RunDir
 
@@ -65,7 +65,7 @@ class Watch:
                 pass  # a full disk: the checkpoint write will report it
         print(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint", flush=True)
 
-    def __enter__(self) -> "Watch":
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self.previous[sig] = signal.signal(sig, self._handle)
