@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any, Self
 
+from softprompt.core.errors import UserError
 from softprompt.core.rundir import RunDir
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -61,8 +62,8 @@ class Watch:
         if self.write_marker and self.run_dir is not None:
             try:
                 RunDir(self.run_dir).write_preempted(signal.Signals(signum).name)
-            except OSError:
-                pass  # a full disk: the checkpoint write will report it
+            except (OSError, UserError):
+                pass  # a full disk (RunDir makes it a UserError): the checkpoint write will report it
         print(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint", flush=True)
 
     def __enter__(self) -> Self:
