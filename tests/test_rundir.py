@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT, TINY, compose
 
 from softprompt.core import keys
+from softprompt.core.errors import UserError
 from softprompt.core.rundir import RunDir
 
 
@@ -62,9 +63,10 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporaries(tmp_path, monkeyp
     run.start()
     run.write_config({"seed": 1})
     monkeypatch.setattr("softprompt.core.atomic.os.replace", lambda *a: _enospc(None, a[1], ""))
-    with pytest.raises(OSError) as info:
+    # a full disk is the user's to fix: one error line that names the sizes (tests/test_faults.py)
+    with pytest.raises(UserError, match=r"no space left on the device writing config.json .*: it needs 16 B, ") as info:
         run.write_config({"seed": 2})
-    assert info.value.errno == errno.ENOSPC
+    assert info.value.__cause__.errno == errno.ENOSPC
     assert run.read_config() == {"seed": 1}
     assert sorted(os.listdir(tmp_path)) == [RunDir.CONFIG]  # the temp file is gone
 

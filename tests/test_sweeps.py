@@ -224,7 +224,9 @@ def test_slurm_launcher_composes():
                             return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert launcher.partition == "gpu" and launcher.array_parallelism == 16 and launcher.max_num_timeout == 0
+    assert launcher.partition == "gpu" and launcher.array_parallelism == 16
+    # preempted or timed-out jobs checkpoint and are requeued (docs/reliability.md, issue 18)
+    assert launcher.max_num_timeout == 3 and launcher.signal_delay_s == 120
     from omegaconf import OmegaConf
 
     assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.num}"  # one run dir per job, on the cluster too

@@ -23,9 +23,17 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         from softprompt.train import preflight
 
         preflight.check(cfg)
+        from softprompt.train.preemption import Preempted
         from softprompt.train.run import run
 
-        metrics = run(cfg)
+        try:
+            metrics = run(cfg)
+        except Preempted as exc:
+            # not an error: the run stopped with a checkpoint; 128 + signal is what a scheduler
+            # sees for a process the signal ended (and W&B counts as preempted, not failed)
+            where = f"; checkpoint {exc.checkpoint}" if exc.checkpoint else ""
+            print(f"{exc}{where}; rerun the same command to continue", file=sys.stderr, flush=True)
+            raise SystemExit(exc.exit_status) from None
     except UserError as exc:
         report_and_exit(str(exc))
     except Exception as exc:

@@ -20,3 +20,33 @@ def report_and_exit(message: str) -> NoReturn:
     line = " ".join(str(message).split())
     print(f"error: {line}", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_USER_ERROR)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(what: str, where, needed_bytes: int, then: str) -> UserError:
+    """The `error:` for a write that found no space: what it needed, what is free, what to do."""
+    import shutil
+    from pathlib import Path
+
+    place = Path(where)
+    while not place.exists() and place != place.parent:  # the nearest existing folder
+        place = place.parent
+    try:
+        free = f"{_size(shutil.disk_usage(place).free)} free"
+    except OSError:
+        free = "free space unknown"
+    return UserError(f"no space left on the device writing {what} in {where}: it needs {_size(needed_bytes)}, "
+                     f"{free} there; {then}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -5,6 +5,7 @@ Layout (SPEC.md, "What one run leaves"):
     RUN/
       config.json          the resolved config, data fingerprint, provenance (written at start)
       wandb_run_id         the W&B run id, so a resumed attempt logs into the same W&B run
+      preempted            the signal that preempted the run; present until it finishes (a rerun resumes)
       checkpoints/         atomic training checkpoints (softprompt.train.checkpoints)
       wandb/               W&B's own run files (wandb.init(dir=RUN))
       adapter/             PeftModel.save_pretrained output + softprompt.json (our record)
@@ -30,6 +31,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from softprompt.core import atomic
+from softprompt.core.errors import disk_full, is_disk_full
+
+# what a user does after a full disk: the checkpoints are intact, so the run continues from them
+_AFTER_DISK_FULL = "free some space and rerun the same command with training.resume=true"
 
 
 class RunDir:
@@ -44,6 +49,7 @@ class RunDir:
     FAILED = "failed.json"  # softprompt.train.pack: a job that failed while the rest of its pack went on
     WANDB = "wandb"
     WANDB_RUN_ID = "wandb_run_id"
+    PREEMPTED = "preempted"
     CHECKPOINTS = "checkpoints"
     HYDRA = ".hydra"  # Hydra's own: config.yaml, overrides.yaml
     # files and folders whose presence marks a directory as a run directory, finished or not
@@ -101,6 +107,10 @@ class RunDir:
         return self.path / self.WANDB_RUN_ID
 
     @property
+    def preempted(self) -> Path:
+        return self.path / self.PREEMPTED
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / self.CHECKPOINTS
 
@@ -156,6 +166,10 @@ class RunDir:
         """prompt_tokens.jsonl rows (docs/methods.md), None for runs without (LoRA, prefix tuning)."""
         return _read_jsonl(self.prompt_tokens) if self.prompt_tokens.is_file() else None
 
+    def read_preempted(self) -> str | None:
+        """The signal name of a preemption this run has not recovered from yet, else None."""
+        return (self.preempted.read_text().strip() or "preempted") if self.preempted.is_file() else None
+
     def read_wandb_run_id(self) -> str | None:
         return (self.wandb_run_id.read_text().strip() or None) if self.wandb_run_id.is_file() else None
 
@@ -171,6 +185,12 @@ class RunDir:
 
     def write_wandb_run_id(self, run_id: str) -> None:
         self._write(self.wandb_run_id, run_id + "\n")
+
+    def write_preempted(self, signal_name: str) -> None:
+        self._write(self.preempted, signal_name + "\n")
+
+    def forget_preempted(self) -> None:
+        self.preempted.unlink(missing_ok=True)
 
     def forget_wandb_run_id(self) -> None:
         self.wandb_run_id.unlink(missing_ok=True)
@@ -204,10 +224,17 @@ class RunDir:
     def finish(self, metrics: dict[str, Any]) -> None:
         """metrics.json, the run's last write: from here on the run counts as finished."""
         self._write(self.metrics, _json(metrics))
+        self.forget_preempted()
 
     def _write(self, path: Path, text: str) -> None:
-        # the one seam every file write of a run passes (tests inject write failures here)
-        atomic.write_text(path, text)
+        # the one seam every file write of a run passes (tests inject write failures here); a full
+        # disk leaves the old file (atomic) and ends the run with one `error:` line
+        try:
+            atomic.write_text(path, text)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            raise disk_full(path.name, path.parent, len(text.encode("utf-8")), _AFTER_DISK_FULL) from exc
 
 
 def _json(obj: Any) -> str:

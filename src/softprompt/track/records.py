@@ -137,6 +137,7 @@ class OfflineRun:
     artifacts: list[ArtifactInfo] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     exit_code: int | None = None  # None: no exit record, the run never finished
+    preempted: bool = False  # run.mark_preempting() was called (a preemption record)
 
     @property
     def finished(self) -> bool:
@@ -230,6 +231,8 @@ def _fold(path: Path, records: Iterator[Any]) -> OfflineRun:
             run.files.extend(f.path for f in record.files.files)
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
+        elif kind == "preempting":
+            run.preempted = True
     config.pop("_wandb", None)
     run.config = config
     run.tables = _tables(run)

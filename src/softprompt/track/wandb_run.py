@@ -298,6 +298,12 @@ class Tracker:
         if self.run is not None:
             self.run.summary.update(values)
 
+    def mark_preempting(self) -> None:
+        """Tell W&B the run is being preempted: with a non-zero exit code it shows as preempted
+        (and a W&B sweep requeues it) instead of failed."""
+        if self.run is not None:
+            self.run.mark_preempting()
+
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
             sync_file = self.run.settings.sync_file

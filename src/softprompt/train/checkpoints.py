@@ -20,6 +20,7 @@ files are written, before it is committed) make kill timing in tests/test_resume
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -33,6 +34,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from softprompt.core.errors import disk_full, is_disk_full
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -76,14 +79,24 @@ def save(root: Path, step: int, checkpoint: Checkpoint) -> Path:
     name = f"checkpoint-{step}"
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=root))
     written = staging / name
-    written.mkdir()
-    (written / STATE_FILE).write_text(json.dumps(checkpoint.state))
-    torch.save(checkpoint.optimizers, written / OPTIMIZER_FILE)
-    torch.save(checkpoint.prompts, written / PROMPTS_FILE)
-    torch.save(_rng_states(), written / RNG_FILE)
-    _test_save_delay(step)
-    (written / COMPLETE).write_text("")
-    _fsync_tree(written)
+    try:
+        written.mkdir()
+        (written / STATE_FILE).write_text(json.dumps(checkpoint.state))
+        torch.save(checkpoint.optimizers, written / OPTIMIZER_FILE)
+        torch.save(checkpoint.prompts, written / PROMPTS_FILE)
+        torch.save(_rng_states(), written / RNG_FILE)
+        _test_save_delay(step)
+        (written / COMPLETE).write_text("")
+        _fsync_tree(written)
+    except OSError as exc:
+        # a full disk: the half-written staging dir goes (it holds space), the older checkpoints
+        # stay, and the run ends with one error line that says what the checkpoint needed
+        shutil.rmtree(staging, ignore_errors=True)
+        if not is_disk_full(exc):
+            raise
+        raise disk_full(name, root, _size_of(checkpoint),
+                        "free some space and rerun the same command with training.resume=true "
+                        "(it continues from the newest complete checkpoint)") from exc
     target = root / name
     if target.exists():  # the same step saved twice (a rerun of a finished step): keep one
         shutil.rmtree(target)
@@ -93,6 +106,16 @@ def save(root: Path, step: int, checkpoint: Checkpoint) -> Path:
     for old in complete_checkpoints(root)[:-KEEP_LAST]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _size_of(checkpoint: Checkpoint) -> int:
+    """Bytes the checkpoint's files take, serialized in memory (only after a failed write)."""
+    total = len(json.dumps(checkpoint.state).encode())
+    for obj in (checkpoint.optimizers, checkpoint.prompts, _rng_states()):
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        total += buffer.tell()
+    return total
 
 
 def load(checkpoint: Path) -> Checkpoint:

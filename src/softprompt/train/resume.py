@@ -41,10 +41,23 @@ def prepare(cfg: DictConfig, run_dir: Path) -> ResumePoint:
     """Where this attempt starts; call before the run dir's config.json is rewritten."""
     ckpt_dir = checkpoint_dir(run_dir)
     if not cfg.training.resume:
+        # a preempted run rerun as it was started (a requeued SLURM job reruns the same command)
+        # continues by itself; with other settings it is a new run in the same directory
+        preempted = RunDir(run_dir).read_preempted()
+        if preempted and checkpoints.latest_checkpoint(ckpt_dir) is not None and not _changed(cfg, run_dir):
+            print(f"{run_dir} was preempted ({preempted}): resuming it (delete {RunDir(run_dir).preempted} "
+                  "to start over instead)", flush=True)
+            return _resume_from_latest(cfg, run_dir)
         if ckpt_dir.exists():
             checkpoints.clear(ckpt_dir)
         RunDir(run_dir).forget_wandb_run_id()
+        RunDir(run_dir).forget_preempted()
         return ResumePoint()
+    return _resume_from_latest(cfg, run_dir)
+
+
+def _resume_from_latest(cfg: DictConfig, run_dir: Path) -> ResumePoint:
+    ckpt_dir = checkpoint_dir(run_dir)
     checkpoints.remove_staging(ckpt_dir)
     latest = checkpoints.latest_checkpoint(ckpt_dir)
     if latest is None:
@@ -62,16 +75,22 @@ def remember_wandb_id(run_dir: Path, run_id: str | None) -> None:
 
 
 def _check_same_config(cfg: DictConfig, run_dir: Path) -> None:
-    before = RunDir(run_dir).read_config()
-    if before is None:
-        return
-    now = resolved(cfg)
-    changed = sorted(f"{section}.{key}" for section, values in now.items() if isinstance(values, dict)
-                     for key, value in values.items()
-                     if (section, key) not in _MAY_CHANGE and before.get(section, {}).get(key) != value)
-    changed += [k for k, v in now.items() if not isinstance(v, dict) and before.get(k) != v]
+    changed = _changed(cfg, run_dir)
     if changed:
         raise UserError(
             f"training.resume=true but {', '.join(changed)} differ from the run in {run_dir}; "
             "resume with the same settings, or start a new run (another hydra.run.dir, or training.resume=false)"
         )
+
+
+def _changed(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """The settings that differ from the earlier attempt's config.json (none when it has none)."""
+    before = RunDir(run_dir).read_config()
+    if before is None:
+        return []
+    now = resolved(cfg)
+    changed = sorted(f"{section}.{key}" for section, values in now.items() if isinstance(values, dict)
+                     for key, value in values.items()
+                     if (section, key) not in _MAY_CHANGE and before.get(section, {}).get(key) != value)
+    changed += [k for k, v in now.items() if not isinstance(v, dict) and before.get(k) != v]
+    return changed

@@ -41,7 +41,7 @@ from softprompt.models.methods import (
 from softprompt.models.portable import adapter_record, save_adapter
 from softprompt.models.transfer import read_source
 from softprompt.track.wandb_run import Tracker, resolve_mode, run_name
-from softprompt.train import preflight, resume
+from softprompt.train import preemption, preflight, resume
 from softprompt.train.precision import resolve_precision
 from softprompt.train.trainer import (
     EpochEval,
@@ -100,21 +100,28 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         RunDir(out).write_config(config)
 
     name = run_name(cfg, METHODS[cfg.peft.method].tag(cfg.peft))
-    tracker = Tracker.start(cfg, out, config, name, mode=wandb_mode, run_id=start.wandb_run_id)
-    resume.remember_wandb_id(out, tracker.run_id)
-    try:
-        metrics = _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker, start,
-                                       started)
-        tracker.set_summary(metrics)
-    except BaseException:
-        tracker.finish(exit_code=1)
-        raise
-    tracker.finish(exit_code=0)
+    # SIGTERM/SIGUSR1/SIGUSR2 from here on stop the run at a step boundary (softprompt.train.preemption)
+    with preemption.Watch(out if main else None) as watch:
+        tracker = Tracker.start(cfg, out, config, name, mode=wandb_mode, run_id=start.wandb_run_id)
+        resume.remember_wandb_id(out, tracker.run_id)
+        try:
+            metrics = _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker, start,
+                                           started, stop=watch.requested)
+            tracker.set_summary(metrics)
+        except preemption.Preempted as exc:
+            tracker.mark_preempting()
+            tracker.finish(exit_code=exc.exit_status)
+            watch.chain(exc.signum)  # submitit's handler, where there is one: it requeues the job
+            raise
+        except BaseException:
+            tracker.finish(exit_code=1)
+            raise
+        tracker.finish(exit_code=0)
     return metrics
 
 
 def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker,
-                        start: resume.ResumePoint, started: float) -> dict[str, Any]:
+                        start: resume.ResumePoint, started: float, stop=None) -> dict[str, Any]:
     tokenizer = loaded.tokenizer
     main = distributed.is_main()
     train_ppl_rows = train_subset(train_rows, cfg.eval)
@@ -137,7 +144,7 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
         result = train([job], train_rows, tokenizer.pad_token_id, LoopSettings.from_config(cfg, precision),
                        checkpoint_dir=resume.checkpoint_dir(out), resume_from=start.checkpoint,
                        epoch_eval=EpochEval(val_rows, cfg.eval.batch_size * 2) if cfg.eval.per_epoch else None,
-                       run_start=started)
+                       run_start=started, stop=stop)
     except NonFiniteLossError as exc:
         raise UserError(str(exc)) from exc
     if not main:

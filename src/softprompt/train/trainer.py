@@ -26,6 +26,7 @@ logs and writes checkpoints.
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from softprompt.models.fast_loss import prompt_tuning_loss, supports_fast_loss
 from softprompt.models.methods import virtual_tokens_in_logits
 from softprompt.train import checkpoints
 from softprompt.train.batches import PaddingCollator, epoch_batches, steps_per_epoch
+from softprompt.train.preemption import Preempted
 from softprompt.train.schedules import Schedule
 
 
@@ -131,7 +133,8 @@ class LoopResult:
 
 def train(jobs: list[Job], rows: list[list[int]], pad_id: int, settings: LoopSettings, *,
           checkpoint_dir: Path | None = None, resume_from: Path | None = None, epoch_eval: EpochEval | None = None,
-          run_start: float | None = None, on_step: Callable[[int, int], None] | None = None) -> LoopResult:
+          run_start: float | None = None, on_step: Callable[[int, int], None] | None = None,
+          stop: Callable[[], int | None] | None = None) -> LoopResult:
     """Train every job for the same number of steps; returns when the last step is done.
 
     `resume_from`: a committed checkpoint of this very run to continue from. `on_step(step,
@@ -180,10 +183,10 @@ def train(jobs: list[Job], rows: list[list[int]], pad_id: int, settings: LoopSet
     epoch_done = epoch + skip / per_epoch
     delay = checkpoints.step_delay_for_tests()
 
-    def save(next_epoch: int, next_batch: int) -> None:
+    def save(next_epoch: int, next_batch: int) -> Path:
         state = {"global_step": step, "epoch": next_epoch, "batches_done": next_batch,
                  "jobs": [{"name": j.name, "loss_sum": j.loss_sum, "history": j.history} for j in jobs]}
-        checkpoints.save(checkpoint_dir, step, checkpoints.Checkpoint(
+        return checkpoints.save(checkpoint_dir, step, checkpoints.Checkpoint(
             state=state, prompts=[{n: p.detach().cpu() for n, p in j.trainable().items()} for j in jobs],
             optimizers=[o.state_dict() for o in optimizers]))
 
@@ -248,11 +251,21 @@ def train(jobs: list[Job], rows: list[list[int]], pad_id: int, settings: LoopSet
                            keys.EVAL_PERPLEXITY: result.perplexity} | job.history_extra
                     job.history.append(row)
                     job.log(row)
+            # the position to continue from: a finished epoch is the start of the next one
+            position = (epoch + 1, 0) if end_of_epoch else (epoch, batch + 1)
+            saved = None
             if main and checkpoint_dir is not None and (
                     last or (end_of_epoch and settings.save_every_epoch)
                     or (settings.save_steps and step % settings.save_steps == 0)):
-                # the position to continue from: a finished epoch is the start of the next one
-                save(*((epoch + 1, 0) if end_of_epoch else (epoch, batch + 1)))
+                saved = save(*position)
+            signum = stop() if stop is not None else None
+            if world > 1 and stop is not None:  # every rank stops at the same step (the signal may reach one)
+                anyone = accelerator.reduce(torch.tensor(int(bool(signum)), device=device), "sum").item()
+                signum = signum or (int(signal.SIGTERM) if anyone else None)
+            if signum:  # preemption: a checkpoint here, then out (softprompt.train.preemption)
+                if main and checkpoint_dir is not None and saved is None:
+                    saved = save(*position)
+                raise Preempted(signum, step, saved)
             if last:
                 break
         skip = 0
