@@ -22,12 +22,14 @@ def test_an_undeclared_import_and_an_unused_dependency_are_reported(tmp_path):
     text = text.replace('dependencies = [', 'dependencies = [\n    "evaluate>=0.4",', 1)  # nothing imports it
     (tmp_path / "pyproject.toml").write_text(text)
     found = check_deps.problems(tmp_path / "pyproject.toml")
-    assert found == [
-        "yaml (pyyaml): imported by src/softprompt/experiments/report.py but not in [project] dependencies "
-        "or a feature extra",
-        "yaml (pyyaml): imported by tests/test_sweeps.py but not declared (tests and scripts: the dev extra)",
-        "evaluate: declared in dependencies but nothing imports it; drop it (or say in NOT_IMPORTED why it is needed)",
-    ]
+    # the first importing file of each kind is named; which one it is depends on the tree
+    assert len(found) == 3, found
+    assert re.fullmatch(r"yaml \(pyyaml\): imported by src/softprompt/\S+\.py but not in \[project\] dependencies "
+                        r"or a feature extra", found[0]), found[0]
+    assert re.fullmatch(r"yaml \(pyyaml\): imported by tests/test_\w+\.py but not declared \(tests and scripts: "
+                        r"the dev extra\)", found[1]), found[1]
+    assert found[2] == ("evaluate: declared in dependencies but nothing imports it; drop it (or say in "
+                        "NOT_IMPORTED why it is needed)")
 
 
 def test_sweeps_imports_without_warnings():
