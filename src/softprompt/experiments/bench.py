@@ -166,7 +166,7 @@ def _plain_eval(model, rows: list[list[int]], pad_id: int, batch_size: int) -> i
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             ids, mask = pad_batch(rows[start : start + batch_size], pad_id, "cpu")
-            model(input_ids=ids, attention_mask=mask).logits
+            model(input_ids=ids, attention_mask=mask)  # logits for every position, as a plain forward does
             tokens += int(mask[:, 1:].sum())  # the positions perplexity() scores
     return tokens
 
