@@ -28,6 +28,17 @@ def test_bench_tiny_model_prints_json(tmp_path):
     assert printed["peak_rss_mib"] > 100  # torch and transformers alone take more
     assert printed["eval_tokens_per_s"] > 0 and printed["eval_tokens"] > 0
     assert printed["generation_tokens_per_s"] > 0 and printed["generation_prompts"] >= 2
+    # the plain ways, timed in the same run, and the ratios to them
+    assert printed["plain_eval_tokens_per_s"] > 0 and printed["plain_generation_tokens_per_s"] > 0
+    assert printed["eval_ratio_to_plain"] == printed["eval_tokens_per_s"] / printed["plain_eval_tokens_per_s"]
+    assert printed["generation_ratio_to_plain"] == (printed["generation_tokens_per_s"]
+                                                    / printed["plain_generation_tokens_per_s"])
+    # tiny-llama's fp32 weights, each parameter once: N above (the tied lm_head is the embedding), 4 bytes each
+    assert printed["weight_bytes"] == 4 * (printed["flops_per_token"] // 4)
+    assert printed["memory_bandwidth_bytes_per_s"] > 1e8
+    assert printed["decode_step_bound_s"] == printed["weight_bytes"] / printed["memory_bandwidth_bytes_per_s"]
+    assert 0 < printed["generation_share_of_bound"] == (printed["generation_tokens_per_s"]
+                                                        / printed["generation_bound_tokens_per_s"])
     # tiny-llama: hidden 64, 2 layers, tied 512-token embedding -> N counts the lm_head once
     assert printed["flops_per_token"] == 4 * (2 * (4 * 64 * 64 - 2 * 64 * 32 + 3 * 64 * 256 + 2 * 64) + 64
                                               + 512 * 64)

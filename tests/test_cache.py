@@ -71,7 +71,7 @@ def test_entry_is_built_once_then_read_without_building(cold):
     path, built = cache.entry("things", "k1", _build_two_files(calls))
     assert (path, built, calls) == (cold / "things" / "k1", True, ["built"])
     marker = json.loads((path / cache.MANIFEST).read_text())
-    assert marker["files"]["sub/b.bin"] == {"size": 1024,
+    assert marker["files"]["sub/b.bin"] == {"size": 1024, "mtime_ns": (path / "sub" / "b.bin").stat().st_mtime_ns,
                                             "sha256": hashlib.sha256(bytes(range(256)) * 4).hexdigest()}
     assert marker["files"]["a.json"]["size"] == 19
     assert cache.entry("things", "k1", _build_two_files(calls)) == (path, False)
@@ -450,3 +450,37 @@ def test_two_processes_on_a_cold_cache_build_each_entry_once(cold, tmp_path):
                 cache.verify(entry)
         assert not [p for p in (cold / kind).iterdir() if p.name.startswith((".staging", ".trash"))]
     shutil.rmtree(barrier)
+
+
+def test_unchanged_files_are_trusted_by_size_and_mtime_changed_ones_are_hashed(cold, monkeypatch):
+    calls: list[str] = []
+    path, _ = cache.entry("things", "k2", _build_two_files(calls))
+    marker = path / cache.MANIFEST
+    # the marker strictly newer than the files: the state a loaded model's entry is in later on
+    later = marker.stat().st_mtime_ns + 10_000_000
+    os.utime(marker, ns=(later, later))
+    hashed: list[str] = []
+    real_digest = cache.file_digest
+    monkeypatch.setattr(cache, "file_digest", lambda p, *a: hashed.append(p.name) or real_digest(p, *a))
+    cache.verify(path)
+    assert hashed == []
+    # same size, new bytes, new mtime (still older than the marker): hashed and found damaged
+    _flip_byte(path / "sub" / "b.bin")
+    stamp = later - 5_000_000
+    os.utime(path / "sub" / "b.bin", ns=(stamp, stamp))
+    with pytest.raises(cache.Damaged, match="sub/b.bin does not match its SHA-256"):
+        cache.verify(path)
+    assert hashed == ["b.bin"]
+
+
+def test_file_as_new_as_its_marker_is_hashed_even_with_the_recorded_mtime(cold, monkeypatch):
+    """Racily clean: a write in the marker's own clock tick could leave the mtime unchanged."""
+    path, _ = cache.entry("things", "k3", _build_two_files([]))
+    recorded = json.loads((path / cache.MANIFEST).read_text())["files"]["a.json"]["mtime_ns"]
+    marker_mtime = (path / cache.MANIFEST).stat().st_mtime_ns
+    os.utime(path / cache.MANIFEST, ns=(recorded, recorded))
+    _flip_byte(path / "a.json")
+    os.utime(path / "a.json", ns=(recorded, recorded))
+    with pytest.raises(cache.Damaged, match="a.json does not match its SHA-256"):
+        cache.verify(path)
+    assert marker_mtime >= recorded

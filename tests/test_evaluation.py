@@ -217,3 +217,24 @@ def test_run_records_gen_metrics_and_references(tiny_run):
     history = [json.loads(line) for line in (run_dir / RunDir.HISTORY).read_text().splitlines()]
     # the tuned evaluation reuses the last per-epoch perplexity of the same weights
     assert history[-1][keys.EVAL_PERPLEXITY] == on_disk[keys.EVAL_PERPLEXITY]
+
+
+def test_perplexity_lm_head_only_on_scored_positions_equals_full_logits(tiny, monkeypatch):
+    """The hidden-state route (lm_head on scored positions only) gives the full-logits number."""
+    from softprompt.evaluation import perplexity as ppl_module
+
+    rows = _rows(tiny.tokenizer)
+    fast = perplexity(tiny.model, rows, tiny.tokenizer.pad_token_id, batch_size=3)
+    monkeypatch.setattr(ppl_module, "_hidden_state_base", lambda model: None)
+    full = perplexity(tiny.model, rows, tiny.tokenizer.pad_token_id, batch_size=3)
+    assert fast.tokens == full.tokens == sum(len(r) - 1 for r in rows)
+    assert fast.loss == pytest.approx(full.loss, rel=1e-6)
+
+
+def test_perplexity_bf16_autocast_within_half_a_percent_of_fp32(tiny):
+    rows = _rows(tiny.tokenizer)
+    fp32 = perplexity(tiny.model, rows, tiny.tokenizer.pad_token_id, batch_size=3)
+    bf16 = perplexity(tiny.model, rows, tiny.tokenizer.pad_token_id, batch_size=3, autocast_dtype=torch.bfloat16)
+    assert bf16.tokens == fp32.tokens
+    assert bf16.loss != fp32.loss  # autocast did change the arithmetic
+    assert bf16.perplexity == pytest.approx(fp32.perplexity, rel=0.005)

@@ -58,7 +58,13 @@ def _files(root: Path) -> list[Path]:
 
 
 def verify(directory: Path) -> dict:
-    """The entry's marker if every file it lists is there with its size and hash; else `Damaged`."""
+    """The entry's marker if every file it lists is there with its size and hash; else `Damaged`.
+
+    Hashing is skipped for a file whose size and mtime are those the marker recorded, when that
+    mtime is strictly older than the marker itself: a later write would have moved the mtime, and
+    a write in the same clock tick as the marker ("racily clean", as git calls it) still gets the
+    full hash. Re-hashing SmolLM2's 513 MiB of weights on every load cost about a second.
+    """
     if not directory.is_dir():
         raise FileNotFoundError(directory)
     try:
@@ -69,6 +75,7 @@ def verify(directory: Path) -> dict:
         raise Damaged("no completeness marker") from None  # an unfinished build, or one by an older softprompt
     except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
         raise Damaged(f"unreadable marker: {type(exc).__name__}") from None
+    marker_mtime = (directory / MANIFEST).stat().st_mtime_ns
     for rel, expected in files.items():
         path = directory / rel
         if not path.is_file():
@@ -76,6 +83,9 @@ def verify(directory: Path) -> dict:
         size = path.stat().st_size
         if size != expected["size"]:
             raise Damaged(f"{rel} has {size} bytes, not {expected['size']}")
+        mtime = path.stat().st_mtime_ns
+        if mtime == expected.get("mtime_ns") and mtime < marker_mtime:
+            continue  # unchanged since the marker was written, which hashed it
         if file_digest(path) != expected["sha256"]:
             raise Damaged(f"{rel} does not match its SHA-256")
     extra = {p.relative_to(directory).as_posix() for p in _files(directory)} - set(files)
@@ -97,7 +107,9 @@ def _commit(staging: Path, target: Path) -> None:
     files = {}
     for path in _files(staging):
         _fsync(path)
-        files[path.relative_to(staging).as_posix()] = {"size": path.stat().st_size, "sha256": file_digest(path)}
+        stat = path.stat()  # the rename into place keeps the mtime that verify() compares with
+        files[path.relative_to(staging).as_posix()] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                                                       "sha256": file_digest(path)}
     if not files:
         raise RuntimeError(f"cache entry {target} was built empty")
     marker = {"format": FORMAT, "files": files, "created": time.time()}

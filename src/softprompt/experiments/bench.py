@@ -140,27 +140,101 @@ def softprompt_path(cfg, splits, steps: int, warmup_steps: int, precision: str):
     return result, loaded, model, val_rows, virtual_tokens_in_logits(model)
 
 
+def memory_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """Best bytes/s of a large tensor copy (read + write): the bound a decode step meets, since it
+    reads every weight once."""
+    src = torch.ones(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = max(best, 2 * src.numel() * src.element_size() / (time.perf_counter() - start))
+    return best
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters, each once (a tied lm_head is the embedding's storage)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _plain_eval(model, rows: list[list[int]], pad_id: int, batch_size: int) -> int:
+    """The plain way to score held-out rows: a batched forward with every position's logits."""
+    from softprompt.evaluation.perplexity import pad_batch
+
+    model.eval()
+    tokens = 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            ids, mask = pad_batch(rows[start : start + batch_size], pad_id, "cpu")
+            model(input_ids=ids, attention_mask=mask)  # logits for every position, as a plain forward does
+            tokens += int(mask[:, 1:].sum())  # the positions perplexity() scores
+    return tokens
+
+
+def _plain_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """The plain way to generate: `model.generate`, left-padded batches, KV cache, greedy, penalty 1.5."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    texts = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(prompts), batch_size):
+                enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
+                                add_special_tokens=False)
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                     top_p=None, top_k=None, repetition_penalty=1.5, use_cache=True,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [t.strip() for t in texts]
+
+
 def eval_and_generation(cfg, loaded, model, val_rows, n_virtual: int, splits, autocast_dtype) -> dict:
     from softprompt.evaluation.evaluate import eval_prompts
     from softprompt.evaluation.perplexity import perplexity
     from softprompt.models.generation import GenerationSettings, generate
     from softprompt.models.methods import soft_prompt_embeddings
 
+    tokenizer = loaded.tokenizer
+    batch = cfg.training.eval_batch_size
     start = time.perf_counter()
-    ppl = perplexity(model, val_rows, loaded.tokenizer.pad_token_id, cfg.training.eval_batch_size, n_virtual,
-                     autocast_dtype=autocast_dtype)
+    ppl = perplexity(model, val_rows, tokenizer.pad_token_id, batch, n_virtual, autocast_dtype=autocast_dtype)
     eval_s = time.perf_counter() - start
-    prompts = [p.prompt for p in eval_prompts(cfg.eval, splits.validation)]
+    base = model.get_base_model()
     start = time.perf_counter()
-    texts = generate(model.get_base_model(), loaded.tokenizer, prompts,
+    plain_tokens = _plain_eval(base, val_rows, tokenizer.pad_token_id, batch)
+    plain_eval_s = time.perf_counter() - start
+    prompts = [p.prompt for p in eval_prompts(cfg.eval, splits.validation)]
+
+    def count(texts: list[str]) -> int:  # both paths' text measured the same way: re-tokenized
+        return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+    start = time.perf_counter()
+    texts = generate(base, tokenizer, prompts,
                      GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens, repetition_penalty=1.5),
                      soft_prompt=soft_prompt_embeddings(model), batch_size=cfg.eval.batch_size)
     gen_s = time.perf_counter() - start
-    # generate() returns text; its length in tokens is re-measured by tokenizing it again
-    generated = sum(len(loaded.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    start = time.perf_counter()
+    plain_texts = _plain_generate(base, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    plain_gen_s = time.perf_counter() - start
+    generated, plain_generated = count(texts), count(plain_texts)
+    bandwidth, nbytes = memory_bandwidth(), weight_bytes(base)
+    # one decode step reads every weight once and yields one token per row of the batch
+    rows_per_step = min(cfg.eval.batch_size, len(prompts))
+    bound = rows_per_step * bandwidth / nbytes
     return {"eval_tokens_per_s": ppl.tokens / eval_s, "eval_tokens": ppl.tokens, "eval_perplexity": ppl.perplexity,
+            "plain_eval_tokens_per_s": plain_tokens / plain_eval_s,
+            "eval_ratio_to_plain": (ppl.tokens / eval_s) / (plain_tokens / plain_eval_s),
             "generation_tokens_per_s": generated / gen_s, "generation_tokens": generated,
-            "generation_prompts": len(prompts)}
+            "generation_prompts": len(prompts),
+            "plain_generation_tokens_per_s": plain_generated / plain_gen_s,
+            "plain_generation_tokens": plain_generated,
+            "generation_ratio_to_plain": (generated / gen_s) / (plain_generated / plain_gen_s),
+            "memory_bandwidth_bytes_per_s": bandwidth, "weight_bytes": nbytes,
+            "decode_step_bound_s": nbytes / bandwidth,
+            "generation_bound_tokens_per_s": bound,
+            "generation_share_of_bound": (generated / gen_s) / bound}
 
 
 def _git_commit() -> str | None:

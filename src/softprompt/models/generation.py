@@ -32,25 +32,35 @@ class GenerationSettings:
 
 
 class PromptAwareRepetitionPenalty(LogitsProcessor):
-    """CTRL-style repetition penalty over the prompt's token ids and the tokens generated so far."""
+    """CTRL-style repetition penalty over the prompt's token ids and the tokens generated so far.
+
+    Keeps a per-row "seen" mask over the vocabulary and adds only the ids generated since the last
+    call: rebuilding it from every id at every step would be Python-side work growing with the
+    prompt and the output. One instance serves one `generate` call (the mask is its state).
+    """
 
     def __init__(self, prompt_ids: list[list[int]], penalty: float, device: torch.device):
         self.penalty = penalty
-        width = max(1, max(len(ids) for ids in prompt_ids))
-        # rows padded with a repeat of their own first id: harmless duplicates, since the
-        # penalty is applied once per distinct token
-        padded = [(ids + [ids[0] if ids else 0] * (width - len(ids))) for ids in prompt_ids]
-        self.prompt_ids = torch.tensor(padded, dtype=torch.long, device=device)
-        self.has_prompt = torch.tensor([bool(ids) for ids in prompt_ids], device=device)
+        self.prompt_ids = prompt_ids
+        self.device = device
+        self.seen: torch.Tensor | None = None
+        self.consumed = 0  # generated columns already in `seen`
+
+    def _start(self, scores: torch.Tensor) -> torch.Tensor:
+        seen = torch.zeros_like(scores, dtype=torch.bool)
+        for row, ids in enumerate(self.prompt_ids):
+            if ids:  # an empty prompt penalises nothing until it generates
+                seen[row, torch.tensor(ids, dtype=torch.long, device=scores.device)] = True
+        return seen
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        mask = torch.zeros_like(scores, dtype=torch.bool)
-        mask.scatter_(1, self.prompt_ids, True)
-        mask &= self.has_prompt[:, None]  # an empty prompt's filler id must not be penalised
-        if input_ids.shape[1]:
-            mask.scatter_(1, input_ids, True)
+        if self.seen is None:
+            self.seen = self._start(scores)
+        if input_ids.shape[1] > self.consumed:
+            self.seen.scatter_(1, input_ids[:, self.consumed :], True)
+            self.consumed = input_ids.shape[1]
         penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
-        return torch.where(mask, penalised, scores)
+        return torch.where(self.seen, penalised, scores)
 
 
 def sampling_kwargs(settings: GenerationSettings) -> dict:
