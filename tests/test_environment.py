@@ -177,18 +177,34 @@ def test_init_text_without_text_init_and_schedule_keys():
     with pytest.raises(UserError, match="^peft.init_text=Hello is not used by this run: it is read only with "
                                         "peft.init=text, not peft.init=random;"):
         check_overrides(compose(overrides), overrides, multirun=False)
-    for scheduler, used in (("constant", False), ("linear", True), ("constant_with_warmup", True)):
-        overrides = [f"training.lr_scheduler={scheduler}", "training.warmup_ratio=0.1"]
+    # every schedule warms up over training.warmup_steps; only wsd reads training.decay_fraction
+    for scheduler, used in (("constant", True), ("linear", True), ("cosine", True), ("wsd", True)):
+        overrides = [f"training.lr_scheduler={scheduler}", "training.warmup_steps=3"]
+        assert bool(unused_overrides(compose(overrides), overrides)) is not used, scheduler
+    for scheduler, used in (("constant", False), ("linear", False), ("wsd", True)):
+        overrides = [f"training.lr_scheduler={scheduler}", "training.decay_fraction=0.3"]
         assert bool(unused_overrides(compose(overrides), overrides)) is not used, scheduler
 
 
 @pytest.mark.parametrize("model", sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
 def test_every_model_preset_and_its_source_keys(model):
-    overrides = [f"model={model}", "model.tiny.hidden_size=32", "model.gguf_file=x.gguf"]
-    source = compose(overrides).model.source
+    source = compose([f"model={model}"]).model.source
+    overrides = [f"model={model}", "model.gguf_file=x.gguf"]
     found = {o for o, _ in unused_overrides(compose(overrides), overrides)}
-    assert found == {"model.tiny.hidden_size=32", "model.gguf_file=x.gguf"} - {
-        "tiny": {"model.tiny.hidden_size=32"}, "gguf_package": {"model.gguf_file=x.gguf"}}.get(source, set())
+    assert found == (set() if source == "gguf_package" else {"model.gguf_file=x.gguf"})
+    overrides = [f"model={model}", "model.tiny.hidden_size=32"]
+    if source == "tiny":
+        assert unused_overrides(compose(overrides), overrides) == []
+    else:  # model.tiny is null outside the tiny presets: the override cannot compose, and the CLI says why
+        with pytest.raises(AssertionError):
+            compose(overrides)
+
+
+def test_a_key_under_a_null_section_is_one_error_line():
+    result = run_cli(["model=bloomz-560m", "model.tiny.hidden_size=32", "--cfg", "job"], timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: an override sets a key inside a section the chosen presets leave null")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("dataset", sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml")))

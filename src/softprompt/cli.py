@@ -52,7 +52,13 @@ def _is_user_error(exc: BaseException) -> bool:
     if isinstance(exc, UserError):
         return True
     in_job = getattr(exc, "softprompt_in_job", False)
-    return not in_job and isinstance(exc, (HydraException, OmegaConfBaseException))
+    return not in_job and (isinstance(exc, (HydraException, OmegaConfBaseException)) or _null_section(exc))
+
+
+def _null_section(exc: BaseException) -> bool:
+    """OmegaConf asserts (no message a user could act on) when an override sets a key inside a
+    section the composed presets leave null, e.g. `model.tiny.hidden_size=32` with bloomz-560m."""
+    return isinstance(exc, AssertionError) and "for root: NoneType" in str(exc)
 
 
 def _check_arguments() -> None:
@@ -78,6 +84,9 @@ def main() -> None:
     try:
         _hydra_main()
     except Exception as exc:  # noqa: BLE001 - re-raised below unless the user can fix it
+        if _null_section(exc):
+            report_and_exit("an override sets a key inside a section the chosen presets leave null (e.g. model.tiny.* "
+                            "outside model=tiny-llama|tiny-bloom); remove it or choose the preset that has that section")
         if _is_user_error(exc):
             report_and_exit(_one_line(exc))
         raise

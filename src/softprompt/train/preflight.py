@@ -168,8 +168,6 @@ UNUSED_WHEN: dict[str, Any] = {
                                      else "the fast loss applies to prompt tuning and p-tuning only"),
     "eval.nearest_tokens": lambda c: (None if c.peft.method in _PROMPT_EMBEDDINGS
                                       else "only a prompt made of input embeddings has nearest tokens"),
-    "training.warmup_": lambda c: (f"training.lr_scheduler={c.training.lr_scheduler} has no warmup"
-                                   if c.training.lr_scheduler == "constant" else None),
     "training.decay_fraction": lambda c: (None if c.training.lr_scheduler == "wsd"
                                           else "only training.lr_scheduler=wsd has a decay phase"),
     "model.tiny.": lambda c: None if c.model.source == "tiny" else "only the tiny models (model.source=tiny) read it",
