@@ -15,7 +15,8 @@ SEED = "seed"
 # data split's fingerprint and row counts (the split is drawn with the seed), W&B placement, the
 # output dir, the eval prompts (long lists, not an axis), provenance (commit, versions) and the
 # description of a transferred prompt's source (the setting is peft.init_from; softprompt.models.transfer)
-PER_RUN_PREFIXES = ("data.", "wandb.", "output_dir", "eval.prompts", "provenance.", "prompt_source.")
+PER_RUN_PREFIXES = ("data.", "wandb.", "output_dir", "eval.prompts", "provenance.", "prompt_source.",
+                    "pack.", "trunk.")  # how the sweep engine trained a job, not what it trained
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -183,3 +183,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path} does not hold a JSON object")
     return data
+
+
+def prompt_source(cfg) -> dict:
+    """`{"prompt_source": ...}` for a run that starts from another run's prompt (peft.init=from_run),
+    recorded in its config.json and adapter record; `{}` otherwise."""
+    return {"prompt_source": read_source(str(cfg.peft.init_from)).record()} if cfg.peft.init == "from_run" else {}

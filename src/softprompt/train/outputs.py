@@ -26,6 +26,7 @@ from softprompt.models.methods import (
     virtual_tokens_in_logits,
 )
 from softprompt.models.portable import adapter_record, save_adapter
+from softprompt.models.transfer import prompt_source
 from softprompt.track.wandb_run import Tracker
 
 
@@ -69,7 +70,7 @@ def write_run(cfg: DictConfig, out: Path, loaded, model, data, config: dict[str,
     rundir = RunDir(out)
     # the base is named portably in adapter_config.json; this machine's copy in the adapter record
     rundir.write_adapter(lambda folder: save_adapter(model, folder, cfg, metrics),
-                         adapter_record(cfg, loaded.base_path, loaded.tokenizer_path, metrics))
+                         adapter_record(cfg, loaded.base_path, loaded.tokenizer_path, metrics) | prompt_source(cfg))
     rundir.write_generations(generations)
     rundir.write_history(history)
     prompt_tokens = None

@@ -58,6 +58,7 @@ from softprompt.models.fast_loss import prompt_tuning_loss, supports_fast_loss
 from softprompt.models.loading import load_model
 from softprompt.models.methods import get as get_method
 from softprompt.models.methods import virtual_tokens_in_logits, wrap
+from softprompt.models.transfer import prompt_source
 from softprompt.track.wandb_run import resolve_mode, run_name
 from softprompt.train import checkpoints
 from softprompt.train.batches import PaddingCollator, epoch_batches, steps_per_epoch
@@ -231,7 +232,7 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
                 "provenance": provenance(),
                 "pack": pack_info | {"index": m.index},
                 "trunk": {"steps": lengths, "leaves_at_step": m.leave_at,
-                          "branch": m.leave_at < m.total, "shared_with": [x.out.name for x in group]}}
+                          "branch": m.leave_at < m.total, "shared_with": [x.out.name for x in group]}} | prompt_source(m.cfg)
             if m.state == "pending":
                 RunDir(m.out).write_config(m.config)
 

@@ -39,7 +39,7 @@ from softprompt.models.methods import (
     wrap,
 )
 from softprompt.models.portable import adapter_record, save_adapter
-from softprompt.models.transfer import read_source
+from softprompt.models.transfer import prompt_source
 from softprompt.track.wandb_run import Tracker, resolve_mode, run_name
 from softprompt.train import preemption, preflight, resume
 from softprompt.train.precision import resolve_precision
@@ -63,11 +63,6 @@ def run_directory(cfg: DictConfig, run_dir: str | Path | None) -> Path:
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _prompt_source(cfg: DictConfig) -> dict[str, Any]:
-    """`{"prompt_source": ...}` for a run that starts from another run's prompt (peft.init=from_run)."""
-    return {"prompt_source": read_source(str(cfg.peft.init_from)).record()} if cfg.peft.init == "from_run" else {}
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
@@ -95,7 +90,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     prompts = eval_prompts(cfg.eval, splits.validation)
     config = resolved(cfg) | {"data": {"fingerprint": splits.fingerprint(), "source": splits.source,
                                        "train_rows": len(train_rows), "validation_rows": len(val_rows)},
-                              "provenance": provenance()} | _prompt_source(cfg)
+                              "provenance": provenance()} | prompt_source(cfg)
     if main:
         RunDir(out).write_config(config)
 
@@ -192,7 +187,7 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
     rundir = RunDir(out)
     # the base is named portably in adapter_config.json; this machine's copy in the adapter record
     rundir.write_adapter(lambda folder: save_adapter(model, folder, cfg, metrics),
-                         adapter_record(cfg, loaded.base_path, loaded.tokenizer_path, metrics) | _prompt_source(cfg))
+                         adapter_record(cfg, loaded.base_path, loaded.tokenizer_path, metrics) | prompt_source(cfg))
     rundir.write_generations(rows)
     rundir.write_history(job.history)
     if initial_prompt is not None:  # prompt tuning, p-tuning: what the learned prompt is close to
