@@ -30,3 +30,12 @@ def write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
 
 def write_jsonl(path: Path, rows: Iterable[Any]) -> None:
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's entry list: makes a rename inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

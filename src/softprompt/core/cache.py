@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from filelock import FileLock, Timeout
 
+from softprompt.core import atomic
 from softprompt.core.errors import UserError
 from softprompt.core.paths import cache_dir
 
@@ -94,19 +95,11 @@ def verify(directory: Path) -> dict:
     return manifest
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _commit(staging: Path, target: Path) -> None:
     """Mark `staging` complete and put it where `target` is; the caller holds the entry's lock."""
     files = {}
     for path in _files(staging):
-        _fsync(path)
+        atomic.fsync_path(path)
         stat = path.stat()  # the rename into place keeps the mtime that verify() compares with
         files[path.relative_to(staging).as_posix()] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                                                        "sha256": file_digest(path)}
@@ -114,8 +107,8 @@ def _commit(staging: Path, target: Path) -> None:
         raise RuntimeError(f"cache entry {target} was built empty")
     marker = {"format": FORMAT, "files": files, "created": time.time()}
     (staging / MANIFEST).write_text(json.dumps(marker, indent=1), encoding="utf-8")
-    _fsync(staging / MANIFEST)
-    _fsync(staging)
+    atomic.fsync_path(staging / MANIFEST)
+    atomic.fsync_path(staging)
     if target.exists() or target.is_symlink():
         # a directory cannot be renamed over a non-empty one: move the damaged entry aside first.
         # Readers that look in between find nothing and wait on the lock we hold.
@@ -125,7 +118,7 @@ def _commit(staging: Path, target: Path) -> None:
         _remove(trash)
     else:
         os.replace(staging, target)
-    _fsync(target.parent)
+    atomic.fsync_path(target.parent)
 
 
 def _remove(path: Path) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from softprompt.core import atomic
 from softprompt.core.errors import disk_full, is_disk_full
 
 COMPLETE = "COMPLETE"
@@ -101,7 +102,7 @@ def save(root: Path, step: int, checkpoint: Checkpoint) -> Path:
     if target.exists():  # the same step saved twice (a rerun of a finished step): keep one
         shutil.rmtree(target)
     os.replace(written, target)  # the commit: a checkpoint-N/ is always complete
-    _fsync_dir(root)
+    atomic.fsync_path(root)
     shutil.rmtree(staging, ignore_errors=True)
     for old in complete_checkpoints(root)[:-KEEP_LAST]:
         shutil.rmtree(old, ignore_errors=True)
@@ -151,15 +152,7 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic.fsync_path(root)
 
 
 def remove_staging(directory: Path) -> None:

@@ -44,18 +44,7 @@ def write_run(cfg: DictConfig, out: Path, loaded, model, data, config: dict[str,
                      label="tuned", train_rows=data.train_ppl_rows, validation_result=last_eval,
                      **tuned_generation(model))
     trainable, total = count_parameters(model)
-    metrics = {
-        keys.EVAL_PERPLEXITY: tuned.perplexity.perplexity,
-        keys.EVAL_BASE_PERPLEXITY: base.perplexity.perplexity,
-        keys.EVAL_LOSS: tuned.perplexity.loss,
-        keys.EVAL_BASE_LOSS: base.perplexity.loss,
-        keys.EVAL_PPL_RATIO: tuned.perplexity.perplexity / base.perplexity.perplexity,
-        keys.EVAL_TOKENS: tuned.perplexity.tokens,
-        keys.EVAL_RUNTIME_S: data.base_seconds + tuned.seconds,
-        keys.EVAL_BASE_RUNTIME_S: data.base_seconds,
-        keys.EVAL_BASE_COMPUTE_S: base.seconds,
-        keys.EVAL_TUNED_RUNTIME_S: tuned.seconds,
-        keys.EVAL_BASE_CACHED: int(data.base_cached),
+    metrics = eval_metrics(base, tuned, data.base_seconds, data.base_cached) | {
         **train,
         keys.TRAIN_TRAINABLE_PARAMS: trainable,
         keys.TRAIN_TOTAL_PARAMS: total,
@@ -63,33 +52,13 @@ def write_run(cfg: DictConfig, out: Path, loaded, model, data, config: dict[str,
         keys.TRAIN_FLOPS: training_flops(model, tokens_seen),
         keys.PEFT_NUM_VIRTUAL_TOKENS: cfg.peft.num_virtual_tokens,
     } | comparison_metrics(base, tuned, data.prompts)
-    generations = [{"prompt": p.prompt, **({"reference": p.reference} if p.reference is not None else {}),
-                    "base": b, "tuned": t} for p, b, t in zip(data.prompts, base.generations, tuned.generations)]
-
-    # --- save: adapter and generations first, metrics.json last (its presence = finished) ------
-    rundir = RunDir(out)
-    # the base is named portably in adapter_config.json; this machine's copy in the adapter record
-    rundir.write_adapter(lambda folder: save_adapter(model, folder, cfg, metrics),
-                         adapter_record(cfg, loaded.base_path, loaded.tokenizer_path, metrics) | prompt_source(cfg))
-    rundir.write_generations(generations)
-    rundir.write_history(history)
-    prompt_tokens = None
-    if initial_prompt is not None:  # prompt tuning, p-tuning: what the learned prompt is close to
-        prompt_tokens = interpret.nearest_tokens(soft_prompt_embeddings(model), model.get_input_embeddings().weight,
-                                                 tokenizer, cfg.eval.nearest_tokens, initial=initial_prompt)
-        rundir.write_prompt_tokens(prompt_tokens)
+    generations = generation_rows(data.prompts, base, tuned)
 
     tracker = Tracker.start(cfg, out, config, name, mode=wandb_mode)
     try:
         for row in rows:
             tracker.log(row)
-        if prompt_tokens is not None:
-            tracker.log_table(interpret.TABLE_KEY, interpret.TABLE_COLUMNS, interpret.table_rows(prompt_tokens))
-        tracker.log_table(keys.GENERATIONS_TABLE, ["prompt", "reference", "base", "tuned"],
-                          [[r["prompt"], r.get("reference", ""), r["base"], r["tuned"]] for r in generations])
-        tracker.log_adapter(rundir.adapter, name=f"adapter-{cfg.model.name}-{cfg.dataset.name}", metadata={
-            "base_model": cfg.model.name_or_path, "base_model_path": loaded.base_path,
-            "peft_method": cfg.peft.method, "num_virtual_tokens": cfg.peft.num_virtual_tokens, **metrics})
+        rundir = save_outputs(RunDir(out), cfg, loaded, model, tracker, metrics, generations, history, initial_prompt)
         tracker.set_summary(metrics)
         rundir.finish(metrics)
     except BaseException:
@@ -98,3 +67,47 @@ def write_run(cfg: DictConfig, out: Path, loaded, model, data, config: dict[str,
     tracker.finish(exit_code=0)
     return metrics
 
+
+def eval_metrics(base, tuned, base_seconds: float, base_cached: bool) -> dict[str, Any]:
+    """The `eval/*` keys of metrics.json: tuned and base held-out perplexity and what they cost."""
+    return {
+        keys.EVAL_PERPLEXITY: tuned.perplexity.perplexity,
+        keys.EVAL_BASE_PERPLEXITY: base.perplexity.perplexity,
+        keys.EVAL_LOSS: tuned.perplexity.loss,
+        keys.EVAL_BASE_LOSS: base.perplexity.loss,
+        keys.EVAL_PPL_RATIO: tuned.perplexity.perplexity / base.perplexity.perplexity,
+        keys.EVAL_TOKENS: tuned.perplexity.tokens,
+        keys.EVAL_RUNTIME_S: base_seconds + tuned.seconds,
+        keys.EVAL_BASE_RUNTIME_S: base_seconds,
+        keys.EVAL_BASE_COMPUTE_S: base.seconds,
+        keys.EVAL_TUNED_RUNTIME_S: tuned.seconds,
+        keys.EVAL_BASE_CACHED: int(base_cached),
+    }
+
+
+def generation_rows(prompts, base, tuned) -> list[dict[str, Any]]:
+    """generations.jsonl: one row per eval prompt, base and tuned side by side."""
+    return [{"prompt": p.prompt, **({"reference": p.reference} if p.reference is not None else {}),
+             "base": b, "tuned": t} for p, b, t in zip(prompts, base.generations, tuned.generations)]
+
+
+def save_outputs(rundir: RunDir, cfg: DictConfig, loaded, model, tracker: Tracker, metrics: dict[str, Any],
+                 generations: list[dict[str, Any]], history: list[dict[str, Any]], initial_prompt) -> RunDir:
+    """Everything of a finished run but metrics.json: the adapter (its base named portably, this
+    machine's copy in the adapter record), generations, history, the learned prompt as tokens, and
+    the W&B tables and adapter artifact. The caller writes metrics.json last."""
+    rundir.write_adapter(lambda folder: save_adapter(model, folder, cfg, metrics),
+                         adapter_record(cfg, loaded.base_path, loaded.tokenizer_path, metrics) | prompt_source(cfg))
+    rundir.write_generations(generations)
+    rundir.write_history(history)
+    if initial_prompt is not None:  # prompt tuning, p-tuning: what the learned prompt is close to
+        prompt_tokens = interpret.nearest_tokens(soft_prompt_embeddings(model), model.get_input_embeddings().weight,
+                                                 loaded.tokenizer, cfg.eval.nearest_tokens, initial=initial_prompt)
+        rundir.write_prompt_tokens(prompt_tokens)
+        tracker.log_table(interpret.TABLE_KEY, interpret.TABLE_COLUMNS, interpret.table_rows(prompt_tokens))
+    tracker.log_table(keys.GENERATIONS_TABLE, ["prompt", "reference", "base", "tuned"],
+                      [[r["prompt"], r.get("reference", ""), r["base"], r["tuned"]] for r in generations])
+    tracker.log_adapter(rundir.adapter, name=f"adapter-{cfg.model.name}-{cfg.dataset.name}", metadata={
+        "base_model": cfg.model.name_or_path, "base_model_path": loaded.base_path, "peft_method": cfg.peft.method,
+        "num_virtual_tokens": cfg.peft.num_virtual_tokens, **metrics})
+    return rundir

@@ -21,7 +21,6 @@ from softprompt.core.errors import UserError
 from softprompt.core.provenance import provenance
 from softprompt.core.rundir import RunDir
 from softprompt.data.loading import load_splits, tokenize
-from softprompt.evaluation import interpret
 from softprompt.evaluation.base_cache import evaluate_base
 from softprompt.evaluation.evaluate import (
     comparison_metrics,
@@ -38,10 +37,10 @@ from softprompt.models.methods import (
     virtual_tokens_in_logits,
     wrap,
 )
-from softprompt.models.portable import adapter_record, save_adapter
 from softprompt.models.transfer import prompt_source
 from softprompt.track.wandb_run import Tracker, resolve_mode, run_name
 from softprompt.train import preemption, preflight, resume
+from softprompt.train.outputs import eval_metrics, generation_rows, save_outputs
 from softprompt.train.precision import resolve_precision
 from softprompt.train.trainer import (
     EpochEval,
@@ -153,18 +152,7 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
     print(f"tuned model: held-out perplexity {tuned.perplexity.perplexity:.3f} "
           f"(base {base.perplexity.perplexity:.3f})", flush=True)
 
-    metrics = {
-        keys.EVAL_PERPLEXITY: tuned.perplexity.perplexity,
-        keys.EVAL_BASE_PERPLEXITY: base.perplexity.perplexity,
-        keys.EVAL_LOSS: tuned.perplexity.loss,
-        keys.EVAL_BASE_LOSS: base.perplexity.loss,
-        keys.EVAL_PPL_RATIO: tuned.perplexity.perplexity / base.perplexity.perplexity,
-        keys.EVAL_TOKENS: tuned.perplexity.tokens,
-        keys.EVAL_RUNTIME_S: base_seconds + tuned.seconds,
-        keys.EVAL_BASE_RUNTIME_S: base_seconds,
-        keys.EVAL_BASE_COMPUTE_S: base.seconds,
-        keys.EVAL_TUNED_RUNTIME_S: tuned.seconds,
-        keys.EVAL_BASE_CACHED: int(base_cached),
+    metrics = eval_metrics(base, tuned, base_seconds, base_cached) | {
         keys.TRAIN_LOSS: whole_run_loss(job, result.steps),
         keys.TRAIN_EPOCHS: result.epoch,
         keys.TRAIN_STEPS: result.steps,
@@ -180,26 +168,10 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
         keys.TRAIN_RESUMED_FROM_STEP: result.resumed_from_step,
         keys.PEFT_NUM_VIRTUAL_TOKENS: cfg.peft.num_virtual_tokens,
     } | comparison_metrics(base, tuned, prompts)
-    rows = [{"prompt": p.prompt, **({"reference": p.reference} if p.reference is not None else {}),
-             "base": b, "tuned": t} for p, b, t in zip(prompts, base.generations, tuned.generations)]
+    rows = generation_rows(prompts, base, tuned)
 
     # --- save: adapter and generations first, metrics.json last (its presence = finished) ------
-    rundir = RunDir(out)
-    # the base is named portably in adapter_config.json; this machine's copy in the adapter record
-    rundir.write_adapter(lambda folder: save_adapter(model, folder, cfg, metrics),
-                         adapter_record(cfg, loaded.base_path, loaded.tokenizer_path, metrics) | prompt_source(cfg))
-    rundir.write_generations(rows)
-    rundir.write_history(job.history)
-    if initial_prompt is not None:  # prompt tuning, p-tuning: what the learned prompt is close to
-        prompt_tokens = interpret.nearest_tokens(soft_prompt_embeddings(model), model.get_input_embeddings().weight,
-                                                 tokenizer, cfg.eval.nearest_tokens, initial=initial_prompt)
-        rundir.write_prompt_tokens(prompt_tokens)
-        tracker.log_table(interpret.TABLE_KEY, interpret.TABLE_COLUMNS, interpret.table_rows(prompt_tokens))
-    tracker.log_table(keys.GENERATIONS_TABLE, ["prompt", "reference", "base", "tuned"],
-                      [[r["prompt"], r.get("reference", ""), r["base"], r["tuned"]] for r in rows])
-    tracker.log_adapter(rundir.adapter, name=f"adapter-{cfg.model.name}-{cfg.dataset.name}", metadata={
-        "base_model": cfg.model.name_or_path, "base_model_path": loaded.base_path, "peft_method": cfg.peft.method,
-        "num_virtual_tokens": cfg.peft.num_virtual_tokens, **metrics})
+    rundir = save_outputs(RunDir(out), cfg, loaded, model, tracker, metrics, rows, job.history, initial_prompt)
     rundir.finish(metrics)
     return metrics
 
