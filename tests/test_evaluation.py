@@ -120,6 +120,54 @@ def test_batched_generation_equals_one_at_a_time(tiny, with_prompt):
     assert all(by_hand) and len(set(by_hand)) == len(TEXTS)
 
 
+@pytest.mark.parametrize("with_prompt", [False, True])
+def test_lean_decode_equals_generate(tiny, with_prompt, monkeypatch):
+    """The lean greedy loop (softprompt.models.decode) gives generate()'s text, token for token."""
+    import softprompt.models.generation as generation
+
+    tok = tiny.tokenizer
+    soft = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 0.5 if with_prompt else None
+    settings = GenerationSettings(max_new_tokens=12, repetition_penalty=1.5)
+    lean = generate(tiny.model, tok, TEXTS, settings, soft_prompt=soft, batch_size=4)
+    monkeypatch.setattr(generation, "supports_lean_decode", lambda model: False)
+    assert generate(tiny.model, tok, TEXTS, settings, soft_prompt=soft, batch_size=4) == lean
+    assert len(set(lean)) == len(TEXTS)
+
+
+def test_lean_decode_stops_at_eos_and_pads_finished_rows(tiny):
+    from softprompt.models.decode import greedy_decode
+
+    tok = tiny.tokenizer
+    ids = tok(TEXTS[0], add_special_tokens=False)["input_ids"]
+    free = greedy_decode(tiny.model, torch.ones((1, len(ids)), dtype=torch.long), [ids], 4, 1.0,
+                         eos_token_id=-1, pad_token_id=tok.pad_token_id, input_ids=torch.tensor([ids]))[0].tolist()
+    assert len(free) == 4
+    # declare a token the row generates the EOS: the row stops at its first occurrence, and pads
+    # while a second row goes on
+    eos = free[-1]
+    stop = free.index(eos)
+    pad = next(i for i in range(len(tok)) if i not in free)
+    pair = torch.tensor([ids, ids[1:] + [ids[0]]])
+    out = greedy_decode(tiny.model, torch.ones_like(pair), [ids, pair[1].tolist()], 4, 1.0, eos_token_id=eos,
+                        pad_token_id=pad, input_ids=pair)[0].tolist()
+    assert out[: stop + 1] == free[: stop + 1]
+    assert out[stop + 1 :] == [pad] * (len(out) - stop - 1)
+
+
+def test_rows_with_different_soft_prompts_decode_as_each_alone(tiny):
+    """A packed sweep's jobs generate in one batch, each row with its own prompt (or none)."""
+    tok = tiny.tokenizer
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randn(n, 64, generator=g) * 0.5 for n in (2, 5)]
+    settings = GenerationSettings(max_new_tokens=10, repetition_penalty=1.5)
+    rows = [(text, prompt) for prompt in (*prompts, None) for text in TEXTS[:3]]
+    together = generate(tiny.model, tok, [t for t, _ in rows], settings, soft_prompt=[p for _, p in rows],
+                        batch_size=len(rows))
+    alone = [generate(tiny.model, tok, [t], settings, soft_prompt=p)[0] for t, p in rows]
+    assert together == alone
+    assert len(set(together)) > 3  # the prompts change the text
+
+
 def test_generation_shows_progress_for_several_batches(tiny, capfd):
     settings = GenerationSettings(max_new_tokens=2)
     generate(tiny.model, tiny.tokenizer, TEXTS[:2], settings, batch_size=1, desc="generating (test)")

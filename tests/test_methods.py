@@ -93,6 +93,11 @@ def test_prefix_generation_batched_equals_one_at_a_time(arch):
     batched = generate_with_prefix(model, tok, prompts, settings, batch_size=3)
     alone = [generate_with_prefix(model, tok, [p], settings, batch_size=1)[0] for p in prompts]
     assert batched == alone
+    import softprompt.models.prefix_generation as prefix_generation
+
+    with pytest.MonkeyPatch.context() as patch:  # generate() with the prefix cache: the same text
+        patch.setattr(prefix_generation, "supports_lean_decode", lambda model: False)
+        assert generate_with_prefix(model, tok, prompts, settings, batch_size=3) == batched
     # the first generated token is the training forward pass's argmax (same positions, same prefix)
     ids = tok(prompts[1], add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():

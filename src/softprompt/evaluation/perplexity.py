@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from softprompt.core.progress import progress
+from softprompt.models.architectures import logits_are_lm_head_of_hidden
 
 
 @dataclass
@@ -38,10 +39,6 @@ def pad_batch(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
-# decoders whose logits are exactly lm_head(last hidden state): the same list as the training loss's
-_HIDDEN_STATE_MODEL_TYPES = ("llama", "bloom", "mistral", "qwen2")
-
-
 def _base_of(model):
     """The plain transformers model under a PEFT model (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -51,7 +48,7 @@ def _hidden_state_base(model):
     """The base model whose decoder output goes through lm_head only on the scored positions, or
     None where the architecture is not known to compute its logits as lm_head(hidden)."""
     base = _base_of(model)
-    return base if getattr(base.config, "model_type", None) in _HIDDEN_STATE_MODEL_TYPES else None
+    return base if logits_are_lm_head_of_hidden(base) else None
 
 
 @torch.inference_mode()

@@ -16,17 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from softprompt.models.architectures import logits_are_lm_head_of_hidden
 from softprompt.models.methods import method_of
-
-# decoders whose logits are exactly lm_head(hidden) (no softcapping or logit scale)
-SUPPORTED_MODEL_TYPES = ("llama", "bloom", "mistral", "qwen2")
-
 
 def supports_fast_loss(peft_model) -> bool:
     """The method's registry entry says whether the loss applies; the architecture whether
     lm_head(hidden) are its logits."""
     base = peft_model.get_base_model()
-    return method_of(peft_model).fast_loss and getattr(base.config, "model_type", None) in SUPPORTED_MODEL_TYPES
+    return method_of(peft_model).fast_loss and logits_are_lm_head_of_hidden(base)
 
 
 def _nll_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

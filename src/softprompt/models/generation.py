@@ -3,7 +3,9 @@
 `PeftModel.generate` fails on Bloom for batches (ALiBi size mismatch) and, because PEFT prepends
 the soft prompt *before* the left padding (peft#1093), produces different text for padded rows.
 So we build the input embeddings ourselves: `[pads, soft prompt, text]` with attention mask
-`[0.., 1.., 1..]`, and call the base model's `generate(inputs_embeds=...)`. The base model goes
+`[0.., 1.., 1..]`, and decode greedily from them with the base model (`softprompt.models.decode`,
+a lean loop equal to `generate()`'s greedy search; `generate(inputs_embeds=...)` itself for
+sampling and for architectures the loop does not know). The base model goes
 through exactly the same path with no soft prompt, so the comparison differs only in the prompt.
 
 With `inputs_embeds` alone, `generate` does not know the prompt's token ids, so its repetition
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
+
+from softprompt.models.decode import greedy_decode, supports_lean_decode
 
 
 @dataclass
@@ -72,69 +76,74 @@ def sampling_kwargs(settings: GenerationSettings) -> dict:
     return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 
 
+SoftPrompts = torch.Tensor | None | list[torch.Tensor | None]
+
+
 @torch.no_grad()
 def generate(
     model,
     tokenizer,
     prompts: list[str],
     settings: GenerationSettings,
-    soft_prompt: torch.Tensor | None = None,
+    soft_prompt: SoftPrompts = None,
     batch_size: int = 8,
     desc: str = "generating",
 ) -> list[str]:
     """Continuations for `prompts` from a causal LM `model` (a plain transformers model).
 
     `soft_prompt` is a (num_virtual_tokens, hidden) tensor placed between the padding and the
-    text, as the tuned model saw it in training; None generates with the base model alone.
+    text, as the tuned model saw it in training; None generates with the base model alone. A list
+    gives each prompt its own (or none): the jobs of a packed sweep, and the base model, decode
+    in one batch, each row with its own prompt of its own length.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     embed = model.get_input_embeddings()
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    row_prompts = soft_prompt if isinstance(soft_prompt, list) else [soft_prompt] * len(prompts)
+    if len(row_prompts) != len(prompts):
+        raise ValueError(f"{len(row_prompts)} soft prompts for {len(prompts)} prompts")
+    lengths = [len(x) + (0 if p is None else p.shape[0]) for x, p in zip(encoded, row_prompts)]
     # longest first: less padding per batch; results are put back in the caller's order
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     outputs: dict[int, str] = {}
-    n_virtual = 0 if soft_prompt is None else soft_prompt.shape[0]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    lean = not settings.do_sample and supports_lean_decode(model)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2):
         ids = [encoded[i] for i in batch]
-        width = max(len(x) for x in ids)
+        width = max(lengths[i] for i in batch)
+        # [pads, soft prompt, text]: each row's soft prompt sits right before its first text token
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long, device=device)
-        text_mask = torch.zeros((len(batch), width), dtype=torch.long, device=device)
-        for row, x in enumerate(ids):
+        mask = torch.zeros((len(batch), width), dtype=torch.long, device=device)
+        for row, (i, x) in enumerate(zip(batch, ids)):
             if x:
                 input_ids[row, width - len(x) :] = torch.tensor(x, device=device)
-                text_mask[row, width - len(x) :] = 1
+            mask[row, width - lengths[i] :] = 1
         embeds = embed(input_ids)
-        mask = text_mask
-        if soft_prompt is not None:
-            # [pads, prompt, text]: the soft prompt sits right before each row's first text token
-            prompt = soft_prompt.to(device=device, dtype=embeds.dtype)
-            total = width + n_virtual
-            full = embeds.new_zeros((len(batch), total, embeds.shape[-1]))
-            mask = torch.zeros((len(batch), total), dtype=torch.long, device=device)
-            for row, x in enumerate(ids):
-                start = width - len(x)
-                full[row, :start] = embeds[row, :start]
-                full[row, start : start + n_virtual] = prompt
-                full[row, start + n_virtual :] = embeds[row, start:]
-                mask[row, start:] = 1
-            embeds = full
-        processors = LogitsProcessorList()
-        if settings.repetition_penalty != 1.0:
-            processors.append(PromptAwareRepetitionPenalty(ids, settings.repetition_penalty, device))
-        out = model.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            max_new_tokens=settings.max_new_tokens,
-            logits_processor=processors,
-            repetition_penalty=None,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=pad_id,
-            **sampling_kwargs(settings),
-        )
+        for row, i in enumerate(batch):
+            prompt = row_prompts[i]
+            if prompt is not None:
+                end = width - len(ids[row])
+                embeds[row, end - prompt.shape[0] : end] = prompt.to(device=device, dtype=embeds.dtype)
+        if lean:
+            out = greedy_decode(model, mask, ids, settings.max_new_tokens, settings.repetition_penalty,
+                                tokenizer.eos_token_id, pad_id, inputs_embeds=embeds)
+        else:
+            processors = LogitsProcessorList()
+            if settings.repetition_penalty != 1.0:
+                processors.append(PromptAwareRepetitionPenalty(ids, settings.repetition_penalty, device))
+            out = model.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                max_new_tokens=settings.max_new_tokens,
+                logits_processor=processors,
+                repetition_penalty=None,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=pad_id,
+                **sampling_kwargs(settings),
+            )
         for row, i in enumerate(batch):
             outputs[i] = tokenizer.decode(out[row], skip_special_tokens=True).strip()
     model.train(was_training)

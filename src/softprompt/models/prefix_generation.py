@@ -4,7 +4,8 @@ Prefix tuning keeps its prompt in every layer's key/value cache, not in the inpu
 `softprompt.models.generation`'s `[pads, soft prompt, text]` path does not apply. `PeftModel.generate`
 does not work for padded batches here (peft 0.21.2 + transformers 5.24): generate hands PEFT a
 4-D mask, which PEFT replaces by all ones, so padded rows attend to their pads (measured: padded
-rows generated different text than alone). So we continue from a pre-filled cache ourselves:
+rows generated different text than alone). So we continue from a pre-filled cache ourselves (greedy: `softprompt.models.decode`'s loop; sampling:
+`generate` with the cache):
 
 - the cache holds the prefix (`PeftModel.get_prompt`), `num_virtual_tokens` entries per layer;
 - `input_ids` are `[nv placeholder ids, pads, text]` with mask `[1.., 0.., 1..]`: generate skips
@@ -21,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
+from softprompt.models.decode import greedy_decode, supports_lean_decode
 from softprompt.models.generation import (
     GenerationSettings,
     PromptAwareRepetitionPenalty,
@@ -72,6 +74,15 @@ def generate_with_prefix(peft_model, tokenizer, prompts: list[str], settings: Ge
         # [placeholders for the cached prefix, pads, text]; the placeholders are never embedded
         full_ids = torch.cat([input_ids.new_full((len(batch), n_virtual), pad_id), input_ids], dim=1)
         full_mask = torch.cat([mask.new_ones((len(batch), n_virtual)), mask], dim=1)
+        cache = prefix_cache(peft_model, len(batch))
+        if not settings.do_sample and supports_lean_decode(base):
+            # the cache holds the prefix: only the text is fed; positions count from the full mask
+            new = greedy_decode(base, full_mask, [encoded[i] for i in batch], settings.max_new_tokens,
+                                settings.repetition_penalty, tokenizer.eos_token_id, pad_id, input_ids=input_ids,
+                                cache=cache)
+            for row, i in enumerate(batch):
+                outputs[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
+            continue
         processors = LogitsProcessorList()
         if settings.repetition_penalty != 1.0:
             penalty = PromptAwareRepetitionPenalty([encoded[i] for i in batch], settings.repetition_penalty, device)
@@ -79,7 +90,7 @@ def generate_with_prefix(peft_model, tokenizer, prompts: list[str], settings: Ge
         out = base.generate(
             input_ids=full_ids,
             attention_mask=full_mask,
-            cache=prefix_cache(peft_model, len(batch)),
+            cache=cache,
             max_new_tokens=settings.max_new_tokens,
             logits_processor=processors,
             repetition_penalty=None,
