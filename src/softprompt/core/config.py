@@ -137,6 +137,8 @@ class EvalConfig:
     train_perplexity_rows: int = MISSING
     # neighbours per virtual token in prompt_tokens.jsonl (prompt tuning, p-tuning)
     nearest_tokens: int = MISSING
+    # the perplexity passes' precision (auto: bf16 autocast where the hardware has bf16 matmul units)
+    precision: str = MISSING
 
 
 @dataclass
@@ -232,6 +234,8 @@ def validate(cfg: DictConfig) -> None:
     _check(t.weight_decay >= 0, f"training.weight_decay must be >= 0 (got {t.weight_decay})")
     _check(t.max_grad_norm > 0, f"training.max_grad_norm must be > 0 (got {t.max_grad_norm})")
     _check(t.precision in PRECISIONS, f"training.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    _check(cfg.eval.precision in PRECISIONS,
+           f"eval.precision={cfg.eval.precision!r} is not one of {', '.join(PRECISIONS)}")
     _check(t.lr_scheduler in SCHEDULERS,
            f"training.lr_scheduler={t.lr_scheduler!r} is not one of {', '.join(SCHEDULERS)}")
     if t.save_steps is not None:

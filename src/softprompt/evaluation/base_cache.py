@@ -23,10 +23,11 @@ from omegaconf import DictConfig
 
 from softprompt.core import cache
 from softprompt.core.config import resolved
+from softprompt.core.precision import resolve_precision
 from softprompt.evaluation.evaluate import EvalPrompt, ModelEval, evaluate
 from softprompt.evaluation.perplexity import PerplexityResult
 
-SCHEMA = 1  # bump when what is stored (or how it is computed) changes
+SCHEMA = 2  # bump when what is stored (or how it is computed) changes
 
 
 def _weights_identity(loaded, model_cfg) -> object:
@@ -60,7 +61,8 @@ def base_eval_key(cfg, loaded, validation_rows: list[list[int]], train_rows: lis
         "validation_rows": validation_rows,
         "train_rows": train_rows,
         "prompts": prompt_texts,
-        "eval": {k: cfg.eval[k] for k in ("max_new_tokens", "repetition_penalty", "batch_size")},
+        "eval": {k: cfg.eval[k] for k in ("max_new_tokens", "repetition_penalty", "batch_size")}
+        | {"precision": resolve_precision(cfg.eval.precision)},
         "versions": [torch.__version__, transformers.__version__, peft.__version__],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]

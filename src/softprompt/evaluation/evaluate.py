@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig
 
 from softprompt.core import keys
+from softprompt.core.precision import autocast_dtype
 from softprompt.evaluation.gen_metrics import generation_metrics
 from softprompt.evaluation.perplexity import PerplexityResult, perplexity
 from softprompt.models.generation import GenerationSettings, generate
@@ -65,12 +66,13 @@ def evaluate(model, tokenizer, validation_rows: list[list[int]], prompts: list[E
     """
     start = time.perf_counter()
     batch = cfg.eval.batch_size * 2  # no activations kept for backward: twice the generation batch fits
+    dtype = autocast_dtype(cfg.eval.precision)
     ppl = validation_result or perplexity(model, validation_rows, tokenizer.pad_token_id, batch, num_virtual_tokens,
-                                          desc=f"held-out perplexity ({label})")
+                                          autocast_dtype=dtype, desc=f"held-out perplexity ({label})")
     train_ppl = None
     if train_rows:
         train_ppl = perplexity(model, train_rows, tokenizer.pad_token_id, batch, num_virtual_tokens,
-                               desc=f"train perplexity ({label})")
+                               autocast_dtype=dtype, desc=f"train perplexity ({label})")
     if generate_fn is None:
         texts = generate(generation_model or model, tokenizer, [p.prompt for p in prompts],
                          generation_settings(cfg.eval), soft_prompt=soft_prompt, batch_size=cfg.eval.batch_size,

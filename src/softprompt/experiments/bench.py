@@ -190,7 +190,8 @@ def _plain_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     return [t.strip() for t in texts]
 
 
-def eval_and_generation(cfg, loaded, model, val_rows, n_virtual: int, splits, autocast_dtype) -> dict:
+def eval_and_generation(cfg, loaded, model, val_rows, n_virtual: int, splits, autocast_dtype,
+                        fp32_perplexity: float) -> dict:
     from softprompt.evaluation.evaluate import eval_prompts
     from softprompt.evaluation.perplexity import perplexity
     from softprompt.models.generation import GenerationSettings, generate
@@ -210,11 +211,13 @@ def eval_and_generation(cfg, loaded, model, val_rows, n_virtual: int, splits, au
     def count(texts: list[str]) -> int:  # both paths' text measured the same way: re-tokenized
         return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
 
+    settings = GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens, repetition_penalty=1.5)
+    soft_prompt = soft_prompt_embeddings(model)
     start = time.perf_counter()
-    texts = generate(base, tokenizer, prompts,
-                     GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens, repetition_penalty=1.5),
-                     soft_prompt=soft_prompt_embeddings(model), batch_size=cfg.eval.batch_size)
+    texts = generate(base, tokenizer, prompts, settings, soft_prompt=soft_prompt, batch_size=cfg.eval.batch_size)
     gen_s = time.perf_counter() - start
+    # the batch must not change the text: each prompt again, alone
+    alone = [generate(base, tokenizer, [p], settings, soft_prompt=soft_prompt, batch_size=1)[0] for p in prompts]
     start = time.perf_counter()
     plain_texts = _plain_generate(base, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
     plain_gen_s = time.perf_counter() - start
@@ -224,6 +227,9 @@ def eval_and_generation(cfg, loaded, model, val_rows, n_virtual: int, splits, au
     rows_per_step = min(cfg.eval.batch_size, len(prompts))
     bound = rows_per_step * bandwidth / nbytes
     return {"eval_tokens_per_s": ppl.tokens / eval_s, "eval_tokens": ppl.tokens, "eval_perplexity": ppl.perplexity,
+            "eval_precision": "bf16" if autocast_dtype else "fp32",
+            # the same model state's held-out perplexity in fp32 (softprompt_path computed it)
+            "eval_perplexity_rel_diff_to_fp32": abs(ppl.perplexity - fp32_perplexity) / fp32_perplexity,
             "plain_eval_tokens_per_s": plain_tokens / plain_eval_s,
             "eval_ratio_to_plain": (ppl.tokens / eval_s) / (plain_tokens / plain_eval_s),
             "generation_tokens_per_s": generated / gen_s, "generation_tokens": generated,
@@ -231,6 +237,7 @@ def eval_and_generation(cfg, loaded, model, val_rows, n_virtual: int, splits, au
             "plain_generation_tokens_per_s": plain_generated / plain_gen_s,
             "plain_generation_tokens": plain_generated,
             "generation_ratio_to_plain": (generated / gen_s) / (plain_generated / plain_gen_s),
+            "generation_batched_equals_alone": texts == alone,
             "memory_bandwidth_bytes_per_s": bandwidth, "weight_bytes": nbytes,
             "decode_step_bound_s": nbytes / bandwidth,
             "generation_bound_tokens_per_s": bound,
@@ -305,7 +312,7 @@ def measure(argv=None) -> dict:
 
     from softprompt.core.config import CONF_DIR, validate
     from softprompt.data.loading import load_splits
-    from softprompt.train.precision import resolve_precision
+    from softprompt.core.precision import autocast_dtype, resolve_precision
 
     threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
@@ -357,7 +364,7 @@ def measure(argv=None) -> dict:
     result["mfu"] = ours["tokens_per_s"] * 4 * n / result["matmul_peak_flops"]
     if not args.skip_eval:
         result |= eval_and_generation(ours_cfg, loaded, model, val_rows, n_virtual, splits,
-                                      torch.bfloat16 if precision == "bf16" else None)
+                                      autocast_dtype(ours_cfg.eval.precision), ours["heldout_perplexity_after"])
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     import peft
     import transformers

@@ -62,7 +62,7 @@ from softprompt.models.transfer import prompt_source
 from softprompt.track.wandb_run import resolve_mode, run_name
 from softprompt.train import checkpoints
 from softprompt.train.batches import PaddingCollator, epoch_batches, steps_per_epoch
-from softprompt.train.precision import resolve_precision
+from softprompt.core.precision import autocast_dtype, resolve_precision
 from softprompt.train.schedules import Schedule
 
 CALIBRATION_ROUNDS = 1  # timed rounds per way, after one untimed round each (first-call costs)
@@ -544,7 +544,7 @@ def _optimizer_step(lane: Lane, step: int, value: float, logging_steps: int, per
 def _epoch_eval(lane: Lane, step: int, per_epoch: int, cfg: DictConfig) -> dict[str, Any]:
     """The lane's held-out perplexity now, as a history row (the loop's per-epoch evaluation)."""
     result = perplexity(lane.model, lane.data.val_rows, _pad_id(lane), cfg.eval.batch_size * 2,
-                        virtual_tokens_in_logits(lane.model))
+                        virtual_tokens_in_logits(lane.model), autocast_dtype=autocast_dtype(cfg.eval.precision))
     lane.last_eval = (step, result)
     epoch, batch = divmod(step - 1, per_epoch)
     return {keys.EPOCH: round(epoch + (batch + 1) / per_epoch, 4), keys.TRAIN_STEP: step, keys.EVAL_LOSS: result.loss,

@@ -41,7 +41,7 @@ from softprompt.models.transfer import prompt_source
 from softprompt.track.wandb_run import Tracker, resolve_mode, run_name
 from softprompt.train import preemption, preflight, resume
 from softprompt.train.outputs import eval_metrics, generation_rows, save_outputs
-from softprompt.train.precision import resolve_precision
+from softprompt.core.precision import autocast_dtype, resolve_precision
 from softprompt.train.trainer import (
     EpochEval,
     LoopSettings,
@@ -137,7 +137,8 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
     try:
         result = train([job], train_rows, tokenizer.pad_token_id, LoopSettings.from_config(cfg, precision),
                        checkpoint_dir=resume.checkpoint_dir(out), resume_from=start.checkpoint,
-                       epoch_eval=EpochEval(val_rows, cfg.eval.batch_size * 2) if cfg.eval.per_epoch else None,
+                       epoch_eval=EpochEval(val_rows, cfg.eval.batch_size * 2, autocast_dtype(cfg.eval.precision))
+                       if cfg.eval.per_epoch else None,
                        run_start=started, stop=stop)
     except NonFiniteLossError as exc:
         raise UserError(str(exc)) from exc

@@ -4,7 +4,7 @@ What differs from the seed notebook's recipe (a Hugging Face `Trainer`), and why
 in scripts/bench.py):
 - batches padded to their own longest row and grouped by length (softprompt.train.batches): less
   compute on padding;
-- bf16 autocast where the hardware has bf16 matrix units, fp32 elsewhere (softprompt.train.precision);
+- bf16 autocast where the hardware has bf16 matrix units, fp32 elsewhere (softprompt.core.precision);
 - for prompt tuning and p-tuning the loss is computed from hidden states, with the lm_head only on
   labelled positions (softprompt.models.fast_loss), not on the virtual tokens and padding;
 - a non-finite loss stops the run at once, naming the step;
@@ -118,6 +118,7 @@ class EpochEval:
 
     rows: list[list[int]]
     batch_size: int
+    autocast_dtype: torch.dtype | None = None  # eval.precision, resolved
 
 
 @dataclass
@@ -245,7 +246,7 @@ def train(jobs: list[Job], rows: list[list[int]], pad_id: int, settings: LoopSet
             if main and epoch_eval is not None and (end_of_epoch or last):
                 for job in jobs:
                     result = perplexity(job.model, epoch_eval.rows, pad_id, epoch_eval.batch_size,
-                                        virtual_tokens_in_logits(job.model))
+                                        virtual_tokens_in_logits(job.model), autocast_dtype=epoch_eval.autocast_dtype)
                     job.last_eval = (step, result)
                     row = {keys.EPOCH: round(epoch_done, 4), keys.TRAIN_STEP: step, keys.EVAL_LOSS: result.loss,
                            keys.EVAL_PERPLEXITY: result.perplexity} | job.history_extra

@@ -1,4 +1,5 @@
-"""`training.precision=auto`: bf16 autocast where the hardware has bf16 matrix units, fp32 elsewhere."""
+"""`precision=auto` (training, and the perplexity passes): bf16 autocast where the hardware has bf16
+matrix units, fp32 elsewhere."""
 
 from __future__ import annotations
 
@@ -25,3 +26,8 @@ def resolve_precision(precision: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_has_bf16_matmul() else "fp32"
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The `torch.autocast` dtype of a precision setting (`auto` resolved here); None: fp32, no autocast."""
+    return torch.bfloat16 if resolve_precision(precision) == "bf16" else None
