@@ -54,7 +54,7 @@ def train_subset(train_rows: list[list[int]], cfg: DictConfig) -> list[list[int]
 def evaluate(model, tokenizer, validation_rows: list[list[int]], prompts: list[EvalPrompt], cfg: DictConfig,
              generation_model=None, soft_prompt=None, num_virtual_tokens: int = 0, label: str = "",
              train_rows: list[list[int]] | None = None, validation_result: PerplexityResult | None = None,
-             generate_fn=None) -> ModelEval:
+             generate_fn=None, generations: list[str] | None = None) -> ModelEval:
     """Perplexity of `model` on the held-out rows (and `train_rows`) and its continuation of each prompt.
 
     `generation_model` is the plain transformers model used for generation (the base under a PEFT
@@ -62,7 +62,9 @@ def evaluate(model, tokenizer, validation_rows: list[list[int]], prompts: list[E
     `validation_result`, when given, is this very model's held-out perplexity already computed
     (the last per-epoch evaluation) and is not computed again. `generate_fn` replaces the
     generation path where the prompt does not live in the input embeddings (prefix tuning): it is
-    called as `generate_fn(tokenizer, prompts, settings, batch_size=..., desc=...)`.
+    called as `generate_fn(tokenizer, prompts, settings, batch_size=..., desc=...)`. `generations`,
+    when given, are this very model's continuations of `prompts`, already generated (the pack engine
+    decodes the prompts of several jobs in one batch): they are not generated again.
     """
     start = time.perf_counter()
     batch = cfg.eval.batch_size * 2  # no activations kept for backward: twice the generation batch fits
@@ -73,7 +75,11 @@ def evaluate(model, tokenizer, validation_rows: list[list[int]], prompts: list[E
     if train_rows:
         train_ppl = perplexity(model, train_rows, tokenizer.pad_token_id, batch, num_virtual_tokens,
                                autocast_dtype=dtype, desc=f"train perplexity ({label})")
-    if generate_fn is None:
+    if generations is not None:
+        if len(generations) != len(prompts):
+            raise ValueError(f"{len(generations)} generations for {len(prompts)} prompts")
+        texts = list(generations)
+    elif generate_fn is None:
         texts = generate(generation_model or model, tokenizer, [p.prompt for p in prompts],
                          generation_settings(cfg.eval), soft_prompt=soft_prompt, batch_size=cfg.eval.batch_size,
                          desc=f"generating ({label})")

@@ -33,16 +33,20 @@ from softprompt.track.wandb_run import Tracker
 def write_run(cfg: DictConfig, out: Path, loaded, model, data, config: dict[str, Any], name: str,
               wandb_mode: str, *, history: list[dict[str, Any]], rows: list[dict[str, Any]],
               last_eval: PerplexityResult | None, initial_prompt, tokens_seen: int,
-              train: dict[str, Any]) -> dict[str, Any]:
+              train: dict[str, Any], generations: list[str] | None = None,
+              generation_s: float = 0.0) -> dict[str, Any]:
     """`model`: the PEFT model with the job's final prompt; `data`: its softprompt.train.pack.Data;
     `rows`: what its W&B run logs before the summary (curves, in order); `tokens_seen`: the real
     tokens its prompt was trained on (its trunk's included); `train`: its other `train/*` metrics.
-    Returns metrics.json's content."""
+    `generations`: the tuned model's continuations of `data.prompts` when they were already
+    generated (in one batch with other jobs'), and `generation_s` this job's share of that time;
+    None: generated here. Returns metrics.json's content."""
     tokenizer = loaded.tokenizer
     base = data.base
+    how = {"generations": generations} if generations is not None else tuned_generation(model)
     tuned = evaluate(model, tokenizer, data.val_rows, data.prompts, cfg, num_virtual_tokens=virtual_tokens_in_logits(model),
-                     label="tuned", train_rows=data.train_ppl_rows, validation_result=last_eval,
-                     **tuned_generation(model))
+                     label="tuned", train_rows=data.train_ppl_rows, validation_result=last_eval, **how)
+    tuned.seconds += generation_s
     trainable, total = count_parameters(model)
     metrics = eval_metrics(base, tuned, data.base_seconds, data.base_cached) | {
         **train,
