@@ -4,7 +4,9 @@
 (b) a pack of jobs with different prompt lengths, learning rates and seeds equals each job alone
     (both ways through the base: turns and concat);
 (c) per-job gradient clipping and schedules are independent (one job clipped, the other not).
-Then the wiring: scripts/sweep.py and `train.py -m hydra/launcher=packed` leave one finished run
+Every job that leaves its lane is written from its own prompt, as it was at its last step, with
+the generations a standalone run writes; one `generate` call decodes every prompt-tuning and
+p-tuning job of a flush. Then the wiring: scripts/sweep.py and `train.py -m hydra/launcher=packed` leave one finished run
 dir per grid point.
 """
 
@@ -102,6 +104,8 @@ def test_each_budget_of_a_trunk_equals_its_standalone_run(tmp_path, schedule):
         assert member.metrics[keys.TRAIN_LOSS] == pytest.approx(alone[keys.TRAIN_LOSS], rel=1e-5)
         assert member.metrics[keys.TRAIN_STEPS] == alone[keys.TRAIN_STEPS] == 2 * e
         torch.testing.assert_close(_prompt(out), _prompt(alone_dir), rtol=0, atol=1e-5)
+        # the shorter job is generated and written after its trunk trained on: from its own prompt
+        assert RunDir(out).read_generations() == RunDir(alone_dir).read_generations()
         mine, theirs = RunDir(out).read_history(), RunDir(alone_dir).read_history()
         assert [r[keys.EPOCH] for r in mine] == [r[keys.EPOCH] for r in theirs] == list(range(1, e + 1))
         assert [r[keys.EVAL_PERPLEXITY] for r in mine] == pytest.approx([r[keys.EVAL_PERPLEXITY] for r in theirs],
@@ -157,6 +161,9 @@ def test_a_pack_of_different_prompts_equals_each_job_alone(packs, alone_runs, fo
         torch.testing.assert_close(_prompt(out), _prompt(alone_dir), rtol=0, atol=1e-4)
         assert _prompt(out).shape[0] == member.cfg.peft.num_virtual_tokens
         assert RunDir(out).read_config()["pack"]["forward"] == forward
+        if forward == "turns":  # bit-identical prompts (concat's differ by rounding): the same text, batched
+            assert RunDir(out).read_generations() == RunDir(alone_dir).read_generations()
+            assert RunDir(out).read_prompt_tokens() == RunDir(alone_dir).read_prompt_tokens()
 
 
 def test_clipping_and_schedules_are_per_job(packs, alone_runs):
@@ -222,6 +229,50 @@ def test_auto_times_both_ways_and_moves_nothing():
         assert all(p.grad is None for p in lane.trainable())
         assert all(torch.equal(p, q) for p, q in zip(lane.trainable(), params))
         assert lane.optimizer.state_dict()["state"] == {}  # no optimizer step was taken
+
+
+@pytest.mark.parametrize("save_every_epoch", [False, True])
+def test_one_generate_call_serves_every_job_of_a_flush(tmp_path, monkeypatch, save_every_epoch):
+    """Jobs are written at the pack's end and before each checkpoint (a flush): the prompts of all
+    its prompt-tuning and p-tuning jobs decode in one call, each row behind its own job's prompt as
+    it was at that job's last step; prefix tuning generates inside its own write."""
+    import torch
+
+    from softprompt.models import generation
+
+    calls = []
+    real = generation.generate
+
+    def counting(model, tokenizer, prompts, settings, soft_prompt=None, **kwargs):
+        calls.append({"rows": len(prompts), "soft_prompt": soft_prompt, "batch_size": kwargs.get("batch_size")})
+        return real(model, tokenizer, prompts, settings, soft_prompt=soft_prompt, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", counting)
+    constant = ["training.lr_scheduler=constant", "peft.num_virtual_tokens=1", f"training.save_every_epoch={save_every_epoch}",
+                "eval.num_heldout_generations=2"]
+    jobs = [constant + ["training.epochs=1"], constant + ["training.epochs=2"],
+            constant + ["training.epochs=2", "peft=p_tuning", "peft.num_virtual_tokens=3"],
+            constant + ["training.epochs=2", "peft=prefix_tuning", "peft.num_virtual_tokens=2"]]
+    dirs, members, pack = _packed(tmp_path, "flush", jobs)
+    assert [t.jobs for t in pack.trunks] == [[0, 1], [2], [3]] and all(m.state == "finished" for m in members)
+    per_job = len(RunDir(dirs[0]).read_generations())
+    assert per_job == 4  # 2 configured prompts, 2 held-out prefixes
+    # without checkpoints, one flush at the end: jobs 0-2 in one call; with one at epoch 1 (step 2),
+    # job 0 (1 epoch) is written before it, jobs 1 and 2 at the end
+    expected = [[0, 1, 2]] if not save_every_epoch else [[0], [1, 2]]
+    assert [c["rows"] for c in calls] == [per_job * len(flush) for flush in expected]
+    assert [c["batch_size"] for c in calls] == [max(8, per_job * len(flush)) for flush in expected]
+    rows = [p for c in calls for p in c["soft_prompt"]]
+    for k, i in enumerate(i for flush in expected for i in flush):
+        mine = rows[k * per_job:(k + 1) * per_job]
+        assert all(p is mine[0] for p in mine) and mine[0].shape[0] == (1, 1, 3)[i]
+        if i < 2:  # prompt tuning: the generation prompt is the saved adapter's, byte for byte
+            assert torch.equal(mine[0], _prompt(dirs[i]))
+    # the 1-epoch job was written from its own prompt, not the trunk's after 2 epochs
+    assert not torch.equal(_prompt(dirs[0]), _prompt(dirs[1]))
+    for out in dirs:
+        generations = RunDir(out).read_generations()
+        assert len(generations) == per_job and all(g["tuned"] is not None for g in generations)
 
 
 def test_a_diverging_job_fails_alone_and_the_pack_goes_on(tmp_path):

@@ -23,14 +23,24 @@ faster. The choice is recorded in each job's config.json (`pack.forward`) and me
 
 Every job leaves what a standalone run leaves (adapter/, metrics.json last, generations.jsonl,
 history.jsonl, prompt_tokens.jsonl, config.json with `pack` and `trunk` provenance) and one W&B
-run. Its curves are kept in memory and its W&B run is opened when it finishes (one run open at a
+run. Its curves are kept in memory and its W&B run is opened when it is written (one run open at a
 time), so a W&B run holds the same keys and values as its standalone run's. A job whose loss
 becomes NaN/inf is marked failed (`failed.json`, a W&B run finished with exit code 1) with the
 others of its lane; the rest of the pack goes on.
+
+Writes are batched. A job whose training ends is *trained*: a copy of its prompt parameters and
+what its lane says about it then (last evaluation, loss sum, tokens, times) wait for the next
+*flush*, at the pack's end and before each pack checkpoint (so a checkpoint never holds a job that
+trained but is not written: a resume from it trains that job again). A flush decodes the eval
+prompts of all its prompt-tuning and p-tuning jobs in one `generate` call, each row behind its
+own job's soft prompt (decoding is memory-bound: a step reads every weight once, for 6 rows or
+36), then writes each job with its own prompt put back into its lane's model.
+Other methods generate inside their own write, as a standalone run does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -52,12 +62,21 @@ from softprompt.core.provenance import provenance
 from softprompt.core.rundir import RunDir
 from softprompt.data.loading import load_splits, tokenize
 from softprompt.evaluation.base_cache import evaluate_base
-from softprompt.evaluation.evaluate import eval_prompts, train_subset
+from softprompt.evaluation.evaluate import (
+    eval_prompts,
+    generation_settings,
+    train_subset,
+)
 from softprompt.evaluation.perplexity import PerplexityResult, perplexity
+from softprompt.models import generation
 from softprompt.models.fast_loss import prompt_tuning_loss, supports_fast_loss
 from softprompt.models.loading import load_model
 from softprompt.models.methods import get as get_method
-from softprompt.models.methods import virtual_tokens_in_logits, wrap
+from softprompt.models.methods import (
+    soft_prompt_embeddings,
+    virtual_tokens_in_logits,
+    wrap,
+)
 from softprompt.models.transfer import prompt_source
 from softprompt.track.wandb_run import resolve_mode, run_name
 from softprompt.train import checkpoints
@@ -70,6 +89,10 @@ CALIBRATION_ROUNDS = 1  # timed rounds per way, after one untimed round each (fi
 # more than the faster one could save; such packs step in turns
 CALIBRATION_MIN_STEPS = 20
 PACK_CHECKPOINTS = "pack"  # under the first job's checkpoints/: the pack's atomic checkpoints
+# the most rows a flush decodes at once (unless eval.batch_size asks for more): a decode step reads
+# every weight once whatever its rows, but its KV cache and activations grow with them; the seed
+# grid's 15 jobs x 6 prompts decode in two batches
+FLUSH_BATCH_ROWS = 64
 
 
 # --- what the jobs share -------------------------------------------------------------------------
@@ -111,7 +134,7 @@ class Member:
     config: dict[str, Any] = field(default_factory=dict)  # config.json
     rows: list[dict[str, Any]] = field(default_factory=list)  # what its W&B run logs, in order
     history: list[dict[str, Any]] = field(default_factory=list)
-    state: str = "pending"  # pending, finished, failed
+    state: str = "pending"  # pending, trained (waiting for a flush), finished, failed
     error: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     trunk_steps: int = 0  # steps it shared with other jobs (trained once for all of them)
@@ -145,6 +168,19 @@ class Lane:
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+
+@dataclass
+class Trained:
+    """A job whose training ended, waiting for the next flush: its prompt as it was at its last
+    step (its lane may train on) and what the lane said about it then."""
+
+    member: Member
+    lane: Lane  # its model holds `params` again while the job is evaluated and written
+    params: list[torch.Tensor]  # copies of the lane's trainable parameters at the job's last step
+    last_eval: PerplexityResult | None  # the held-out evaluation of exactly these parameters, if any
+    tokens: int  # real tokens its prompt was trained on (its trunk's included)
+    train: dict[str, Any]  # its train/* and pack/* metrics
 
 
 # --- the pack --------------------------------------------------------------------------------------
@@ -250,6 +286,7 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
     delay = checkpoints.step_delay_for_tests()
     save_every = first.training.save_steps
     orders: dict[tuple[int, int], list[list[int]]] = {}
+    waiting: list[Trained] = []  # jobs trained since the last flush
     while lanes:
         # members that leave their lane now: a wsd job whose own decay starts at this step
         for lane in list(lanes):
@@ -303,17 +340,20 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
                         m.rows.append(row)
             for m in done:
                 m.history = lane.history + last_row
-                t0 = time.perf_counter()
-                _finish(m, lane, loaded, precision, started, real_tokens, first_step, forward, wandb_mode, log,
-                        resumed_from)
-                eval_s += time.perf_counter() - t0
+                waiting.append(_trained(m, lane, precision, started, real_tokens, first_step, forward, resumed_from))
                 lane.members.remove(m)
             if not lane.members:
                 lanes.remove(lane)
         # checkpoints as a standalone run writes them: each epoch's end (and every save_steps)
         end_of_epoch = step % steps_per_epoch(len(members[0].data.train_rows), settings.batch_size) == 0
         if lanes and ((first.training.save_every_epoch and end_of_epoch) or (save_every and step % save_every == 0)):
+            t0 = time.perf_counter()
+            _flush(waiting, loaded, wandb_mode, log)  # a checkpoint holds no job that trained but is not written
+            eval_s += time.perf_counter() - t0
             _save(checkpoint_root, step, lanes, members, forward, calibration)
+    t0 = time.perf_counter()
+    _flush(waiting, loaded, wandb_mode, log)
+    eval_s += time.perf_counter() - t0
     bar.close()
     total_s = time.time() - pack_start
     # evaluation: per-epoch held-out perplexity and each job's final evaluation, generation and writes
@@ -360,8 +400,6 @@ def _load_data(cfg: DictConfig, loaded) -> Data:
 
 
 def _new_lane(cfg: DictConfig, loaded, data: Data, members: list[Member], total: int, made_from: int = 0) -> Lane:
-    from softprompt.models.methods import soft_prompt_embeddings
-
     # a standalone run seeds everything with its seed before it wraps the base (a random prompt
     # init draws from torch's generator); the same here, without moving the pack's own state
     with torch.random.fork_rng():
@@ -416,6 +454,7 @@ def _resume_point(cfg: DictConfig, root: Path, run_dirs: list) -> Any:
 
 def _save(root: Path, step: int, lanes: list[Lane], members: list[Member], forward: str,
           calibration: dict[str, float] | None) -> None:
+    assert not any(m.state == "trained" for m in members), "flush before a checkpoint"
     state = {
         "step": step, "forward": forward, "calibration_s": calibration, "dirs": [m.out.name for m in members],
         "members": [{"state": m.state, "error": m.error, "rows": m.rows} for m in members],
@@ -587,27 +626,84 @@ def _calibrate(lanes: list[Lane], loaded, precision: str, log) -> tuple[str, dic
 # --- the end of a job ------------------------------------------------------------------------------
 
 
-def _finish(m: Member, lane: Lane, loaded, precision: str, started: float, real_tokens: int,
-            first_step: tuple[float, float] | None, forward: str, wandb_mode: str, log, resumed_from: int) -> None:
-    """Evaluate the lane's prompt as it is now (this job's last step) and write the job's run."""
-    from softprompt.train.outputs import write_run
-
+def _trained(m: Member, lane: Lane, precision: str, started: float, real_tokens: int,
+             first_step: tuple[float, float] | None, forward: str, resumed_from: int) -> Trained:
+    """The job `m` at its last step (now): its prompt and what its lane says about it, for the next flush."""
     seconds = time.perf_counter() - started
     last = lane.last_eval if lane.last_eval and lane.last_eval[0] == m.total else None
     per_epoch = steps_per_epoch(len(m.data.train_rows), m.cfg.training.batch_size)
     epoch, batch = divmod(m.total - 1, per_epoch)
-    extra = {keys.PACK_JOBS: len(m.config["pack"]["members"]), keys.PACK_FORWARD: forward,
-             keys.PACK_TRUNK_STEPS: m.trunk_steps}
-    m.metrics = write_run(
-        m.cfg, m.out, loaded, lane.model, m.data, m.config, m.name, wandb_mode,
-        history=m.history, rows=m.rows, last_eval=last[1] if last else None, initial_prompt=lane.initial_prompt,
-        tokens_seen=lane.tokens,
-        train={keys.TRAIN_LOSS: lane.loss_sum / max(m.total, 1), keys.TRAIN_EPOCHS: epoch + (batch + 1) / per_epoch,
-               keys.TRAIN_STEPS: m.total, keys.TRAIN_RUNTIME_S: seconds,
-               keys.TRAIN_TOKENS_PER_SECOND: real_tokens / seconds, keys.TRAIN_PRECISION: precision,
-               keys.TRAIN_TIME_TO_FIRST_STEP_S: first_step[0] if first_step else None,
-               keys.TRAIN_TIME_TO_FIRST_STEP_PROCESS_S: first_step[1] if first_step else None,
-               keys.TRAIN_RESUMED_FROM_STEP: resumed_from} | extra)
+    m.state = "trained"
+    return Trained(m, lane, [p.detach().clone() for p in lane.trainable()], last[1] if last else None, lane.tokens, {
+        keys.TRAIN_LOSS: lane.loss_sum / max(m.total, 1), keys.TRAIN_EPOCHS: epoch + (batch + 1) / per_epoch,
+        keys.TRAIN_STEPS: m.total, keys.TRAIN_RUNTIME_S: seconds, keys.TRAIN_TOKENS_PER_SECOND: real_tokens / seconds,
+        keys.TRAIN_PRECISION: precision,
+        keys.TRAIN_TIME_TO_FIRST_STEP_S: first_step[0] if first_step else None,
+        keys.TRAIN_TIME_TO_FIRST_STEP_PROCESS_S: first_step[1] if first_step else None,
+        keys.TRAIN_RESUMED_FROM_STEP: resumed_from,
+        keys.PACK_JOBS: len(m.config["pack"]["members"]), keys.PACK_FORWARD: forward,
+        keys.PACK_TRUNK_STEPS: m.trunk_steps})
+
+
+@contextlib.contextmanager
+def _holding(job: Trained):
+    """The job's lane's model with the job's own prompt in it; the lane's own put back after."""
+    params = job.lane.trainable()
+    own = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for param, mine in zip(params, job.params, strict=True):
+            param.copy_(mine)
+    try:
+        yield job.lane.model
+    finally:
+        with torch.no_grad():
+            for param, theirs in zip(params, own, strict=True):
+                param.copy_(theirs)
+
+
+def _flush(waiting: list[Trained], loaded, wandb_mode: str, log) -> None:
+    """Evaluate and write every waiting job (then none waits): the generations of all those whose
+    prompt is input embeddings in one batched call, each row behind its own job's soft prompt."""
+    if not waiting:
+        return
+    batched = [job for job in waiting if get_method(job.member.cfg.peft.method).soft_prompt]
+    texts: dict[int, tuple[list[str], float]] = {}  # member index -> its generations, its share of the time
+    if batched:
+        prompts, soft_prompts = [], []
+        for job in batched:
+            with _holding(job) as model:  # p-tuning: its encoder's output for these parameters
+                embeds = soft_prompt_embeddings(model).clone()
+            prompts += [p.prompt for p in job.member.data.prompts]
+            soft_prompts += [embeds] * len(job.member.data.prompts)
+        cfg = batched[0].member.cfg  # a pack's jobs share their eval settings (softprompt.train.planner)
+        t0 = time.perf_counter()
+        # the base under the PEFT model, as the method's own generator uses it (one base for the pack)
+        out = generation.generate(batched[0].lane.model.get_base_model(), loaded.tokenizer, prompts,
+                                  generation_settings(cfg.eval), soft_prompt=soft_prompts,
+                                  batch_size=max(cfg.eval.batch_size, min(len(prompts), FLUSH_BATCH_ROWS)),
+                                  desc=f"generating ({len(batched)} jobs)")
+        seconds = time.perf_counter() - t0
+        start = 0
+        for job in batched:
+            n = len(job.member.data.prompts)
+            texts[job.member.index] = out[start:start + n], seconds * n / max(len(prompts), 1)
+            start += n
+    for job in waiting:
+        generations, seconds = texts.get(job.member.index, (None, 0.0))
+        _write(job, loaded, generations, seconds, wandb_mode, log)
+    waiting.clear()
+
+
+def _write(job: Trained, loaded, generations: list[str] | None, generation_s: float, wandb_mode: str, log) -> None:
+    """Evaluate the job's own prompt and write its run (metrics.json last, its W&B run)."""
+    from softprompt.train.outputs import write_run
+
+    m = job.member
+    with _holding(job) as model:
+        m.metrics = write_run(
+            m.cfg, m.out, loaded, model, m.data, m.config, m.name, wandb_mode, history=m.history, rows=m.rows,
+            last_eval=job.last_eval, initial_prompt=job.lane.initial_prompt, tokens_seen=job.tokens,
+            train=job.train, generations=generations, generation_s=generation_s)
     m.state = "finished"
     log(f"pack: {m.out.name} finished: {keys.EVAL_PERPLEXITY} {m.metrics[keys.EVAL_PERPLEXITY]:.4f}")
 
