@@ -231,6 +231,22 @@ def test_auto_times_both_ways_and_moves_nothing():
         assert lane.optimizer.state_dict()["state"] == {}  # no optimizer step was taken
 
 
+def test_auto_does_not_try_concat_over_too_many_rows(tmp_path, monkeypatch):
+    """One concatenated forward keeps every lane's activations: above CALIBRATION_MAX_ROWS rows per
+    step auto steps in turns without timing concat (15 SmolLM2 lanes of 8 rows took 16-19 GB)."""
+    from softprompt.train import pack
+
+    monkeypatch.setattr(pack, "CALIBRATION_MIN_STEPS", 1)
+    monkeypatch.setattr(pack, "CALIBRATION_MAX_ROWS", 8)  # the tiny jobs' batch is 8 rows: 2 lanes are 16
+    monkeypatch.setattr(pack, "_calibrate", lambda *a, **k: pytest.fail("concat was timed"))
+    dirs, members, _ = _packed(tmp_path, "rows", [["peft.num_virtual_tokens=1"], ["peft.num_virtual_tokens=2"]],
+                               forward="auto")
+    assert [m.state for m in members] == ["finished", "finished"]
+    for out in dirs:
+        assert RunDir(out).read_config()["pack"]["forward"] == "turns"
+        assert RunDir(out).read_config()["pack"]["calibration_s"] is None
+
+
 @pytest.mark.parametrize("save_every_epoch", [False, True])
 def test_one_generate_call_serves_every_job_of_a_flush(tmp_path, monkeypatch, save_every_epoch):
     """Jobs are written at the pack's end and before each checkpoint (a flush): the prompts of all

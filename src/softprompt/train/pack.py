@@ -88,6 +88,10 @@ CALIBRATION_ROUNDS = 1  # timed rounds per way, after one untimed round each (fi
 # auto: below this many steps in a pack's longest lane, timing both ways (4 steps' worth) would cost
 # more than the faster one could save; such packs step in turns
 CALIBRATION_MIN_STEPS = 20
+# auto: above this many rows per step (lanes x batch size) concat is not tried: one forward and
+# backward over all lanes' rows keeps all their activations at once (measured: 15 lanes x 8 rows of
+# SmolLM2, <= 128 tokens each, reached 16-19 GB of RSS in the calibration step)
+CALIBRATION_MAX_ROWS = 32
 PACK_CHECKPOINTS = "pack"  # under the first job's checkpoints/: the pack's atomic checkpoints
 # the most rows a flush decodes at once (unless eval.batch_size asks for more): a decode step reads
 # every weight once whatever its rows, but its KV cache and activations grow with them; the seed
@@ -249,9 +253,14 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
         log("pack: training.pack_forward=concat needs prompt tuning or p-tuning on a supported model in every "
             "job and more than one lane; stepping in turns")
     calibration = saved.state.get("calibration_s") if saved else None
+    settings_batch = first.training.batch_size
     if forward == "auto":
         forward = "turns"
-        if concat_ok and max(l.end for l in lanes) >= CALIBRATION_MIN_STEPS:
+        rows = len(lanes) * settings_batch
+        if concat_ok and rows > CALIBRATION_MAX_ROWS:
+            log(f"pack: forward turns ({rows} rows per step is too many for one concatenated forward; "
+                f"training.pack_max_rows splits the pack)")
+        elif concat_ok and max(l.end for l in lanes) >= CALIBRATION_MIN_STEPS:
             forward, calibration = _calibrate(lanes, loaded, precision, log)
     elif forward == "concat" and not concat_ok:
         forward = "turns"
