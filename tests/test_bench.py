@@ -33,6 +33,11 @@ def test_bench_tiny_model_prints_json(tmp_path):
     assert printed["eval_ratio_to_plain"] == printed["eval_tokens_per_s"] / printed["plain_eval_tokens_per_s"]
     assert printed["generation_ratio_to_plain"] == (printed["generation_tokens_per_s"]
                                                     / printed["plain_generation_tokens_per_s"])
+    # the same model and prompts both ways: the same greedy text, so tokens/s compares the same work;
+    # with the soft prompt, batched equals one prompt at a time; bf16 perplexity within 0.5 % of fp32
+    assert printed["generation_same_text_as_plain"] is True
+    assert printed["generation_tuned_batched_equals_alone"] is True and printed["generation_tuned_tokens_per_s"] > 0
+    assert printed["eval_perplexity_rel_diff_to_fp32"] < 0.005
     # tiny-llama's fp32 weights, each parameter once: N above (the tied lm_head is the embedding), 4 bytes each
     assert printed["weight_bytes"] == 4 * (printed["flops_per_token"] // 4)
     assert printed["memory_bandwidth_bytes_per_s"] > 1e8
