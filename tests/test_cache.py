@@ -484,3 +484,47 @@ def test_file_as_new_as_its_marker_is_hashed_even_with_the_recorded_mtime(cold, 
     with pytest.raises(cache.Damaged, match="a.json does not match its SHA-256"):
         cache.verify(path)
     assert marker_mtime >= recorded
+
+
+def test_a_marker_without_mtimes_gets_them_after_one_full_check(cold, monkeypatch):
+    """Entries built before markers recorded mtimes were hashed whole on every load (SmolLM2's
+    513 MiB: ~0.56 s each run); one intact full check records them, later checks trust them."""
+    path, _ = cache.entry("things", "k4", _build_two_files([]))
+    marker = path / cache.MANIFEST
+    old = json.loads(marker.read_text())
+    for record in old["files"].values():
+        del record["mtime_ns"]  # the marker format as an older softprompt wrote it
+    marker.write_text(json.dumps(old, indent=1))
+    later = marker.stat().st_mtime_ns + 10_000_000
+    os.utime(marker, ns=(later, later))
+    hashed: list[str] = []
+    real_digest = cache.file_digest
+    monkeypatch.setattr(cache, "file_digest", lambda p, *a: hashed.append(p.name) or real_digest(p, *a))
+    cache.verify(path)
+    assert sorted(hashed) == ["a.json", "b.bin"]
+    files = json.loads(marker.read_text())["files"]
+    assert files["sub/b.bin"]["mtime_ns"] == (path / "sub" / "b.bin").stat().st_mtime_ns
+    assert files["sub/b.bin"]["sha256"] == old["files"]["sub/b.bin"]["sha256"]
+    # nothing left beside the entry or in it but what the marker lists
+    assert sorted(p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")) == ["k4"]
+    hashed.clear()
+    cache.verify(path)
+    assert hashed == []
+    # a file changed since is still found: its new mtime is not the recorded one
+    _flip_byte(path / "sub" / "b.bin")
+    with pytest.raises(cache.Damaged, match="sub/b.bin does not match its SHA-256"):
+        cache.verify(path)
+
+
+def test_a_busy_entry_keeps_its_marker_and_still_verifies(cold):
+    from filelock import FileLock
+
+    path, _ = cache.entry("things", "k5", _build_two_files([]))
+    marker = path / cache.MANIFEST
+    old = json.loads(marker.read_text())
+    for record in old["files"].values():
+        del record["mtime_ns"]
+    marker.write_text(json.dumps(old, indent=1))
+    with FileLock(str(path.parent / ".k5.lock")):  # another process rebuilding or recording it
+        cache.verify(path)
+    assert json.loads(marker.read_text()) == old

@@ -65,6 +65,8 @@ def verify(directory: Path) -> dict:
     mtime is strictly older than the marker itself: a later write would have moved the mtime, and
     a write in the same clock tick as the marker ("racily clean", as git calls it) still gets the
     full hash. Re-hashing SmolLM2's 513 MiB of weights on every load cost about a second.
+    A file that had to be hashed and matched (a marker written before mtimes were recorded, a
+    file touched or copied since) gets its mtime recorded, so the next check trusts it.
     """
     if not directory.is_dir():
         raise FileNotFoundError(directory)
@@ -77,22 +79,63 @@ def verify(directory: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
         raise Damaged(f"unreadable marker: {type(exc).__name__}") from None
     marker_mtime = (directory / MANIFEST).stat().st_mtime_ns
+    hashed: dict[str, int] = {}  # files found intact by their hash, whose mtime the marker lacks
     for rel, expected in files.items():
         path = directory / rel
         if not path.is_file():
             raise Damaged(f"{rel} is missing")
-        size = path.stat().st_size
-        if size != expected["size"]:
-            raise Damaged(f"{rel} has {size} bytes, not {expected['size']}")
-        mtime = path.stat().st_mtime_ns
+        stat = path.stat()
+        if stat.st_size != expected["size"]:
+            raise Damaged(f"{rel} has {stat.st_size} bytes, not {expected['size']}")
+        mtime = stat.st_mtime_ns
         if mtime == expected.get("mtime_ns") and mtime < marker_mtime:
             continue  # unchanged since the marker was written, which hashed it
         if file_digest(path) != expected["sha256"]:
             raise Damaged(f"{rel} does not match its SHA-256")
+        if mtime != expected.get("mtime_ns") and path.stat().st_mtime_ns == mtime:  # not written while hashed
+            hashed[rel] = mtime
     extra = {p.relative_to(directory).as_posix() for p in _files(directory)} - set(files)
     if extra:
         raise Damaged(f"unexpected file {sorted(extra)[0]}")
+    if hashed:
+        _record_mtimes(directory, manifest, hashed)
     return manifest
+
+
+def _record_mtimes(directory: Path, manifest: dict, mtimes: dict[str, int]) -> None:
+    """Record the mtimes of files just hashed and found intact in the entry's marker, so the next
+    check trusts them by size and mtime (the rule above: the new marker is newer than they are).
+
+    Best effort, and only under the entry's lock without waiting: a read-only cache or an entry
+    being rebuilt keeps its marker. The new marker is written beside the entry and renamed into
+    it, so a concurrent reader never sees a file the marker does not list.
+    """
+    marker = directory / MANIFEST
+    try:
+        lock = FileLock(str(directory.parent / f".{directory.name}.lock"))
+        lock.acquire(timeout=0)
+    except (Timeout, OSError):
+        return
+    tmp: str | None = None
+    try:
+        if json.loads(marker.read_text(encoding="utf-8")) != manifest:
+            return  # rewritten since it was read (a rebuild): not ours to change
+        updated = json.loads(json.dumps(manifest))
+        for rel, mtime in mtimes.items():
+            updated["files"][rel]["mtime_ns"] = mtime
+        fd, tmp = tempfile.mkstemp(prefix=f".{directory.name}.marker-", dir=directory.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(updated, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, marker)
+        tmp = None
+    except (OSError, ValueError):
+        pass  # the marker stays as it was: the files are hashed again next time, nothing worse
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        lock.release()
 
 
 def _commit(staging: Path, target: Path) -> None:

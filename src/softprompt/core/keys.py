@@ -29,6 +29,15 @@ EVAL_BASE_RUNTIME_S = "eval/base_runtime_s"  # base evaluation time this run spe
 EVAL_BASE_COMPUTE_S = "eval/base_compute_s"  # what the base evaluation cost when it was computed
 EVAL_TUNED_RUNTIME_S = "eval/tuned_runtime_s"
 EVAL_BASE_CACHED = "eval/base_cached"  # 1: the base evaluation came from the on-disk cache
+# where a plain run's wall time went (softprompt.train.run): consecutive phases from the run's start
+# (run() entry) to metrics.json, so they add up to time/total_s; the pack engine does not write them
+TIME_STARTUP_S = "time/startup_s"  # checks, data, model load, W&B init, PEFT wrap
+TIME_BASE_EVAL_S = "time/base_eval_s"  # the base model's evaluation (~0 on a cache hit)
+TIME_TRAIN_S = "time/train_s"  # the training loop with its set-up, per-epoch evaluations and checkpoints
+TIME_TUNED_EVAL_S = "time/tuned_eval_s"  # the tuned model's evaluation and the comparison metrics
+TIME_SAVE_S = "time/save_s"  # adapter, generations, history, prompt tokens, W&B tables and artifact
+TIME_TOTAL_S = "time/total_s"  # run() entry to metrics.json (not the imports before, nor W&B's finish after)
+TIME_PHASES = (TIME_STARTUP_S, TIME_BASE_EVAL_S, TIME_TRAIN_S, TIME_TUNED_EVAL_S, TIME_SAVE_S)
 # perplexity on the first eval.train_perplexity_rows rows of the training split
 TRAIN_PERPLEXITY = "train/perplexity"
 TRAIN_BASE_PERPLEXITY = "train/base_perplexity"

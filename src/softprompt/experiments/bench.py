@@ -300,14 +300,99 @@ def physical_cores() -> int:
 
 def main(argv=None) -> int:
     """`python scripts/bench.py ...` / the console script softprompt-bench: prints the JSON.
-    With `--sweep SWEEP.yaml`: a sweep alone-per-job vs shared (softprompt.experiments.sweep_bench)."""
+    With `--sweep SWEEP.yaml`: a sweep alone-per-job vs shared (softprompt.experiments.sweep_bench).
+    With `--run-split`: where the wall time of one `make run` goes (`run_split`)."""
     args = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--sweep" or a.startswith("--sweep=") for a in args):
         from softprompt.experiments.sweep_bench import main as sweep_main
 
         return sweep_main(args)
+    if "--run-split" in args:
+        run_split(args)
+        return 0
     measure(argv)
     return 0
+
+
+# --- the wall time of one `make run` -----------------------------------------------------------------
+
+# what `make run` runs (Makefile): the main job, offline
+MAKE_RUN = ["experiment=offline"]
+# the parts of a run's wall time, in order; they add up to wall_s
+SPLIT = ("startup_s", "base_eval_s", "train_s", "tuned_eval_s", "save_s", "finish_s")
+
+
+def _train_command(overrides: list[str]) -> list[str]:
+    """`python train.py OVERRIDES` in a checkout (what `make run` runs), `python -m softprompt` else."""
+    checkout = Path(__file__).resolve().parents[3]
+    entry = [str(checkout / "train.py")] if (checkout / "train.py").is_file() else ["-m", "softprompt"]
+    return [sys.executable, *entry, *overrides]
+
+
+def split_of_run(wall_s: float, metrics: dict) -> dict:
+    """The wall time of one training process split into its parts, from its `metrics.json`.
+
+    The run records its own phases from run() entry to metrics.json (`time/*`); what came before
+    run() (interpreter, imports, Hydra) is the process's time to first step less the run's, and
+    what came after metrics.json (W&B's finish, the interpreter's exit) is the rest of the wall time.
+    """
+    from softprompt.core import keys
+
+    before_run = metrics[keys.TRAIN_TIME_TO_FIRST_STEP_PROCESS_S] - metrics[keys.TRAIN_TIME_TO_FIRST_STEP_S]
+    split = {"startup_s": before_run + metrics[keys.TIME_STARTUP_S],
+             "base_eval_s": metrics[keys.TIME_BASE_EVAL_S],
+             "train_s": metrics[keys.TIME_TRAIN_S],
+             "tuned_eval_s": metrics[keys.TIME_TUNED_EVAL_S],
+             "save_s": metrics[keys.TIME_SAVE_S],
+             "finish_s": wall_s - before_run - metrics[keys.TIME_TOTAL_S]}
+    return {"wall_s": wall_s, **split,
+            "startup_before_run_s": before_run,  # interpreter, imports, Hydra: before run() is entered
+            "train_runtime_s": metrics[keys.TRAIN_RUNTIME_S],  # the loop alone (what "training time" means)
+            "wall_over_train": wall_s / metrics[keys.TRAIN_RUNTIME_S],
+            "time_to_first_step_s": metrics[keys.TRAIN_TIME_TO_FIRST_STEP_S],
+            "time_to_first_step_process_s": metrics[keys.TRAIN_TIME_TO_FIRST_STEP_PROCESS_S],
+            "base_cached": bool(metrics[keys.EVAL_BASE_CACHED]),
+            "eval_perplexity": metrics[keys.EVAL_PERPLEXITY]}
+
+
+def run_split(argv: list[str]) -> dict:
+    """`--run-split [--set KEY=VALUE ...] [--out FILE]`: run the `make run` job (`python train.py
+    experiment=offline`, plus the overrides) in a child process, time it, and print its wall time
+    split into start-up, base eval, training, tuned eval, saving and finish, as JSON (and a table
+    on stderr). Runs on the machine's warm caches, as `make run` does."""
+    p = argparse.ArgumentParser(description=run_split.__doc__.splitlines()[0])
+    p.add_argument("--run-split", action="store_true", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Hydra override for the run, e.g. model=tiny-llama (a quick check)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    overrides = [*MAKE_RUN, *args.set]
+    with tempfile.TemporaryDirectory(prefix="softprompt-run-split-") as tmp:
+        command = _train_command([*overrides, f"hydra.run.dir={tmp}"])
+        env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # its own wandb-core, as make run
+        src = str(Path(__file__).resolve().parents[2])  # this softprompt, also for `python -m softprompt`
+        env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+        load_before = os.getloadavg()
+        start = time.perf_counter()
+        proc = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr[-3000:])
+            raise SystemExit(f"error: the run failed (exit status {proc.returncode}): {' '.join(command)}")
+        metrics = json.loads((Path(tmp) / "metrics.json").read_text())
+    result = {"run_split": {"command": "python train.py " + " ".join(overrides), **split_of_run(wall, metrics)},
+              "run_info": {"cpu_flags": _cpu_flags(), "commit": _git_commit(), "load_average_before": load_before,
+                           "load_average_after": os.getloadavg()}}
+    split = result["run_split"]
+    for key in SPLIT:
+        print(f"{key[:-2]:>12} {split[key]:7.2f} s {100 * split[key] / wall:5.1f} %", file=sys.stderr)
+    print(f"{'wall':>12} {wall:7.2f} s = {split['wall_over_train']:.2f} x training ({split['train_runtime_s']:.2f} s); "
+          f"first step after {split['time_to_first_step_process_s']:.2f} s", file=sys.stderr)
+    text = json.dumps(result, indent=2)
+    print(text, flush=True)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return result
 
 
 def measure(argv=None) -> dict:

@@ -64,8 +64,27 @@ def run_directory(cfg: DictConfig, run_dir: str | Path | None) -> Path:
     return path
 
 
+class Phases:
+    """Where a run's wall time goes (the `time/*` keys): each phase runs from the end of the one
+    before, so they add up to `time/total_s`; a phase that comes back (start-up, around the base
+    evaluation) adds to its total."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.seconds = dict.fromkeys(keys.TIME_PHASES, 0.0)
+
+    def end(self, key: str) -> None:
+        now = time.perf_counter()
+        self.seconds[key] += now - self.last
+        self.last = now
+
+    def metrics(self) -> dict[str, float]:
+        return self.seconds | {keys.TIME_TOTAL_S: self.last - self.start}
+
+
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     started = time.time()  # train/time_to_first_step_s counts from here (the process start: *_process_s)
+    phases = Phases()
     # --- setup: every check a user can fail comes before any model is loaded -------------------
     preflight.check(cfg)
     if run_dir is None:
@@ -100,7 +119,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         resume.remember_wandb_id(out, tracker.run_id)
         try:
             metrics = _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker, start,
-                                           started, stop=watch.requested)
+                                           started, phases, stop=watch.requested)
             tracker.set_summary(metrics)
         except preemption.Preempted as exc:
             tracker.mark_preempting()
@@ -115,16 +134,18 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
 
 def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precision, tracker,
-                        start: resume.ResumePoint, started: float, stop=None) -> dict[str, Any]:
+                        start: resume.ResumePoint, started: float, phases: Phases, stop=None) -> dict[str, Any]:
     tokenizer = loaded.tokenizer
     main = distributed.is_main()
     train_ppl_rows = train_subset(train_rows, cfg.eval)
     base = None
     if main:
+        phases.end(keys.TIME_STARTUP_S)
         # the base model is evaluated before wrapping: LoRA injects its layers into it in place
         base, base_cached, base_seconds = evaluate_base(loaded, val_rows, train_ppl_rows, prompts, cfg)
         print(f"base model: held-out perplexity {base.perplexity.perplexity:.3f} on {base.perplexity.tokens} tokens"
               f"{' (cached)' if base_cached else ''}", flush=True)
+        phases.end(keys.TIME_BASE_EVAL_S)
 
     model = wrap(loaded.model, cfg.peft, loaded.tokenizer_path)
     n_virtual = virtual_tokens_in_logits(model)
@@ -134,6 +155,7 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
     # --- train: a plain run is a set of one job (softprompt.train.trainer) -----------------------
     job = job_from_config(cfg, model, log=tracker.log,
                           history_extra={keys.EVAL_BASE_PERPLEXITY: base.perplexity.perplexity} if main else {})
+    phases.end(keys.TIME_STARTUP_S)
     try:
         result = train([job], train_rows, tokenizer.pad_token_id, LoopSettings.from_config(cfg, precision),
                        checkpoint_dir=resume.checkpoint_dir(out), resume_from=start.checkpoint,
@@ -144,6 +166,7 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
         raise UserError(str(exc)) from exc
     if not main:
         return {}
+    phases.end(keys.TIME_TRAIN_S)
 
     # the last per-epoch evaluation already scored these very weights: not computed twice
     last = job.last_eval if job.last_eval and job.last_eval[0] == result.steps else None
@@ -170,9 +193,12 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
         keys.PEFT_NUM_VIRTUAL_TOKENS: cfg.peft.num_virtual_tokens,
     } | comparison_metrics(base, tuned, prompts)
     rows = generation_rows(prompts, base, tuned)
+    phases.end(keys.TIME_TUNED_EVAL_S)
 
     # --- save: adapter and generations first, metrics.json last (its presence = finished) ------
     rundir = save_outputs(RunDir(out), cfg, loaded, model, tracker, metrics, rows, job.history, initial_prompt)
+    phases.end(keys.TIME_SAVE_S)
+    metrics |= phases.metrics()
     rundir.finish(metrics)
     return metrics
 

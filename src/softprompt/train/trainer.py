@@ -26,6 +26,7 @@ logs and writes checkpoints.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -236,7 +237,7 @@ def train(jobs: list[Job], rows: list[list[int]], pad_id: int, settings: LoopSet
                     since_log[j] = [0.0, 0]
             step += 1
             if first_step is None:
-                first_step = (time.time(), _process_start())
+                first_step = (time.time(), process_start())
             if on_step is not None:
                 on_step(step, real_tokens)
             if delay:
@@ -282,10 +283,21 @@ def train(jobs: list[Job], rows: list[list[int]], pad_id: int, settings: LoopSet
         time_to_first_step_process_s=first_step[0] - first_step[1] if first_step else None)
 
 
-def _process_start() -> float:
-    import psutil
+def process_start() -> float:
+    """When this process started, as a `time.time()` value.
 
-    return psutil.Process().create_time()
+    On Linux: its start in clock ticks since boot (/proc/self/stat) against CLOCK_BOOTTIME, exact
+    to a tick (10 ms). psutil's `create_time()` adds that start to /proc/stat's boot time, which is
+    whole seconds: measured 0.75 s early on the dev VM, so time to first step read 0.75 s long.
+    """
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - since_boot)
+    except (OSError, IndexError, ValueError, AttributeError):  # not Linux
+        import psutil
+
+        return psutil.Process().create_time()
 
 
 def whole_run_loss(job: Job, steps: int) -> float:
