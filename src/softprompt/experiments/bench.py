@@ -366,6 +366,8 @@ def run_split(argv: list[str]) -> dict:
                    help="extra Hydra override for the run, e.g. model=tiny-llama (a quick check)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
+    from softprompt.core.rundir import RunDir
+
     overrides = [*MAKE_RUN, *args.set]
     with tempfile.TemporaryDirectory(prefix="softprompt-run-split-") as tmp:
         command = _train_command([*overrides, f"hydra.run.dir={tmp}"])
@@ -379,7 +381,7 @@ def run_split(argv: list[str]) -> dict:
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-3000:])
             raise SystemExit(f"error: the run failed (exit status {proc.returncode}): {' '.join(command)}")
-        metrics = json.loads((Path(tmp) / "metrics.json").read_text())
+        metrics = RunDir(tmp).read_metrics()
     result = {"run_split": {"command": "python train.py " + " ".join(overrides), **split_of_run(wall, metrics)},
               "run_info": {"cpu_flags": _cpu_flags(), "commit": _git_commit(), "load_average_before": load_before,
                            "load_average_after": os.getloadavg()}}
