@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import psutil
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -83,6 +82,7 @@ from softprompt.train import checkpoints
 from softprompt.train.batches import PaddingCollator, epoch_batches, steps_per_epoch
 from softprompt.core.precision import autocast_dtype, resolve_precision
 from softprompt.train.schedules import Schedule
+from softprompt.train.trainer import process_start
 
 CALIBRATION_ROUNDS = 1  # timed rounds per way, after one untimed round each (first-call costs)
 # auto: below this many steps in a pack's longest lane, timing both ways (4 steps' worth) would cost
@@ -326,7 +326,7 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
         step += 1
         if first_step is None:  # seconds to the end of the first step: from the pack's start, the process's
             now = time.time()
-            first_step = (now - pack_start, now - psutil.Process().create_time())
+            first_step = (now - pack_start, now - process_start())
         bar.update(len(lanes))
         if delay:
             time.sleep(delay)  # test-only: slows a tiny pack so a test can kill it on time
