@@ -67,13 +67,17 @@ class PromptAwareRepetitionPenalty(LogitsProcessor):
         return torch.where(self.seen, penalised, scores)
 
 
-def sampling_kwargs(settings: GenerationSettings) -> dict:
-    """`generate()` arguments for greedy or seeded sampling (greedy clears the model's own
-    generation_config defaults, which would otherwise warn or sample)."""
+def generate_kwargs(settings: GenerationSettings, processors: LogitsProcessorList, eos_id: int, pad_id: int) -> dict:
+    """`generate()` arguments shared by every path that calls it: the length, our repetition penalty
+    as a processor (generate's own is off: it cannot see a prompt given as embeddings), EOS and pad,
+    greedy or seeded sampling (greedy clears the model's own generation_config defaults, which would
+    otherwise warn or sample)."""
+    common = dict(max_new_tokens=settings.max_new_tokens, logits_processor=processors, repetition_penalty=None,
+                  eos_token_id=eos_id, pad_token_id=pad_id)
     if settings.do_sample:
         torch.manual_seed(settings.seed)
-        return dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
-    return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return common | dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+    return common | dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 
 
 SoftPrompts = torch.Tensor | None | list[torch.Tensor | None]
@@ -134,16 +138,8 @@ def generate(
             processors = LogitsProcessorList()
             if settings.repetition_penalty != 1.0:
                 processors.append(PromptAwareRepetitionPenalty(ids, settings.repetition_penalty, device))
-            out = model.generate(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                max_new_tokens=settings.max_new_tokens,
-                logits_processor=processors,
-                repetition_penalty=None,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=pad_id,
-                **sampling_kwargs(settings),
-            )
+            out = model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                 **generate_kwargs(settings, processors, tokenizer.eos_token_id, pad_id))
         for row, i in enumerate(batch):
             outputs[i] = tokenizer.decode(out[row], skip_special_tokens=True).strip()
     model.train(was_training)

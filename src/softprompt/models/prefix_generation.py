@@ -26,7 +26,7 @@ from softprompt.models.decode import greedy_decode, supports_lean_decode
 from softprompt.models.generation import (
     GenerationSettings,
     PromptAwareRepetitionPenalty,
-    sampling_kwargs,
+    generate_kwargs,
 )
 
 
@@ -87,17 +87,8 @@ def generate_with_prefix(peft_model, tokenizer, prompts: list[str], settings: Ge
         if settings.repetition_penalty != 1.0:
             penalty = PromptAwareRepetitionPenalty([encoded[i] for i in batch], settings.repetition_penalty, device)
             processors.append(_GeneratedOnly(penalty, n_virtual + width))
-        out = base.generate(
-            input_ids=full_ids,
-            attention_mask=full_mask,
-            cache=cache,
-            max_new_tokens=settings.max_new_tokens,
-            logits_processor=processors,
-            repetition_penalty=None,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=pad_id,
-            **sampling_kwargs(settings),
-        )
+        out = base.generate(input_ids=full_ids, attention_mask=full_mask, cache=cache,
+                            **generate_kwargs(settings, processors, tokenizer.eos_token_id, pad_id))
         width += n_virtual
         for row, i in enumerate(batch):
             outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
