@@ -62,13 +62,16 @@ def test_seeds_form_grid_points_whose_stats_equal_a_hand_computation(tmp_path):
     assert (a.low.settings, a.high.settings) == ({keys.CFG_NUM_VIRTUAL_TOKENS: 4}, {keys.CFG_NUM_VIRTUAL_TOKENS: 8})
     assert a.delta == pytest.approx(-1.5) and a.spread == pytest.approx(2 + 4.75 ** 0.5) and a.within_spread
     assert b.delta == pytest.approx(-5.5) and not b.within_spread and b.verdict == "beyond spread"
+    # paired by seed: 8 - 4 tokens is 9-10, 9.5-12, 13-14; 16 - 8 tokens is 5-9, 5.1-9.5, 4.9-13
+    assert a.paired == pytest.approx([-1.0, -2.5, -1.0]) and a.lower_on == "3/3"
+    assert b.paired == pytest.approx([-4.0, -4.4, -8.1]) and b.lower_on == "3/3"
 
     text = write_report(report, tmp_path).read_text()
     points_table = text[text.index("## Grid points, over seeds"):text.index("## Neighbouring grid points")]
     row4 = next(line for line in points_table.splitlines() if line.startswith("| 4 |"))
     assert [c.strip() for c in row4.strip("|").split("|")][:5] == ["4", "3", "1, 2, 3", "12 ± 2", "10–14"]
-    assert "| tokens | 4 | 8 | all runs | -1.5 | 4.18 | **within spread** |" in text
-    assert "| tokens | 8 | 16 | all runs | -5.5 | 2.28 | beyond spread |" in text
+    assert "| tokens | 4 | 8 | all runs | -1.5 | 4.18 | **within spread** | -1, -2.5, -1 | 3/3 |" in text
+    assert "| tokens | 8 | 16 | all runs | -5.5 | 2.28 | beyond spread | -4, -4.4, -8.1 | 3/3 |" in text
     for png in ("ppl_vs_virtual_tokens.png", "eval_curves.png", "pareto.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in text
     # do seeds learn the same words: per length, each seed's nearest tokens and the agreement

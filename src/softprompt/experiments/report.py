@@ -112,6 +112,17 @@ class Comparison:
     delta: float  # mean tuned perplexity of `high` minus that of `low`
     spread: float  # std(low) + std(high)
     seeded: bool  # both points have n >= 2, so there is a spread to compare with
+    # high minus low for each seed both points ran (in seed order): a seed fixes the split and the
+    # init draw, so a difference of the same sign on every seed is evidence the unpaired test misses
+    paired: list[float] = field(default_factory=list)
+
+    @property
+    def paired_text(self) -> str:
+        return ", ".join(f"{d:+.3g}" for d in self.paired)
+
+    @property
+    def lower_on(self) -> str:
+        return f"{sum(d < 0 for d in self.paired)}/{len(self.paired)}" if self.paired else ""
 
     @property
     def within_spread(self) -> bool:
@@ -186,10 +197,12 @@ class Report:
         return neighbour_comparisons(self.points, self.axes)
 
     def comparison_rows(self) -> tuple[list[str], list[list[str]]]:
-        header = ["axis", "from", "to", "at", "Δ tuned ppl (to − from)", "std + std", "verdict"]
+        header = ["axis", "from", "to", "at", "Δ tuned ppl (to − from)", "std + std", "verdict",
+                  "Δ per seed (paired)", "seeds where lower"]
         rows = [[_short(c.axis), _fmt(c.low.settings.get(c.axis)), _fmt(c.high.settings.get(c.axis)),
                  c.low.label(exclude=(c.axis,)), f"{c.delta:+.4g}", _fmt(c.spread, 3) if c.seeded else "",
-                 f"**{c.verdict}**" if c.within_spread else c.verdict] for c in self.comparisons()]
+                 f"**{c.verdict}**" if c.within_spread else c.verdict, c.paired_text, c.lower_on]
+                for c in self.comparisons()]
         return header, rows
 
     def table(self) -> str:
@@ -324,8 +337,19 @@ def neighbour_comparisons(points: list[Point], axes: list[str], key: str = keys.
                 if a is None or b is None:
                     continue
                 found.append(Comparison(axis=axis, low=low, high=high, delta=b.mean - a.mean,
-                                        spread=a.spread + b.spread, seeded=a.n > 1 and b.n > 1))
+                                        spread=a.spread + b.spread, seeded=a.n > 1 and b.n > 1,
+                                        paired=_paired(low, high, key)))
     return found
+
+
+def _paired(low: Point, high: Point, key: str) -> list[float]:
+    """`high` minus `low` per seed that both ran once (seed order); empty unless there are >= 2 such seeds."""
+    def by_seed(p: Point) -> dict[Any, float]:
+        seeds = [r.config.get(SEED) for r in p.runs]
+        return {s: v for r, s in zip(p.runs, seeds) if seeds.count(s) == 1 and (v := r.value(key)) is not None}
+    a, b = by_seed(low), by_seed(high)
+    common = sorted((s for s in a if s in b and s is not None), key=_value_key)
+    return [b[s] - a[s] for s in common] if len(common) > 1 else []
 
 
 def build_report(dirs: list[str | Path]) -> Report:
@@ -390,7 +414,10 @@ POINTS_NOTE = ("Runs that differ only in `seed` form one grid point. Mean ± sam
                "so the spread covers the data split as well as the initialisation and the batch order.")
 COMPARISONS_NOTE = ("Pairs of grid points equal on every other axis, adjacent on this one. **within spread**: "
                     "the means differ by no more than the sum of the two standard deviations (their error "
-                    "bars overlap), so these seeds do not show that one beats the other.")
+                    "bars overlap), so these seeds do not show that one beats the other. That test is unpaired; "
+                    "**Δ per seed** pairs the runs of each seed (one seed: the same data split and init draw), "
+                    "and a difference of one sign on every seed is evidence the unpaired test can miss when most "
+                    "of the spread is the splits' difficulty.")
 PARETO_NOTE = ("`pareto.png`: held-out perplexity against training FLOPs (`train/flops`: 4N per real "
                "token for prompt tuning, see softprompt.models.flops) and against trainable parameters; "
                "one point per grid point (mean over seeds, std as error bars), the Pareto frontier "
