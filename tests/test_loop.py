@@ -37,7 +37,8 @@ def _train(jobs, rows, pad_id, cfg, **kwargs):
 
 
 SETTINGS = {
-    "a": ("seed=42", "training.learning_rate=0.3", "training.max_grad_norm=1e9", "peft.num_virtual_tokens=4"),
+    "a": ("seed=42", "training.learning_rate=0.3", "training.max_grad_norm=1e9", "peft.num_virtual_tokens=4",
+          "training.lr_scheduler=linear"),
     "b": ("seed=7", "training.learning_rate=0.05", "training.max_grad_norm=1e-4", "training.lr_scheduler=wsd",
           "training.warmup_steps=1", "peft.num_virtual_tokens=2"),
 }
