@@ -75,6 +75,19 @@ def child_env(extra: dict | None = None) -> dict:
     return env | {"PYTHONPATH": str(ROOT / "src")} | (extra or {})
 
 
+def side_by_side_words(out: str, width: int = 200) -> tuple[list[str], list[str]]:
+    """The words of the base and the tuned column of `scripts/generate.py`'s first side-by-side
+    block, printed at COLUMNS=`width`. Words, not lines: the CLI wraps at the column width and at any
+    line boundary in the text (a random tiny model's output can hold \\x0b, which
+    str.splitlines() breaks on), so lines are split on "\\n" only and the columns cut at their width."""
+    lines = out.split("\n")
+    start = next(i for i, line in enumerate(lines) if "- base -" in line) + 1
+    body = lines[start:lines.index("", start)]
+    col = (width - 3) // 2  # two columns with " | " between them
+    assert body and all(line[col:col + 3].rstrip() == " |" for line in body)
+    return (" ".join(line[:col] for line in body).split(), " ".join(line[col + 3:] for line in body).split())
+
+
 def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 300,
             script: str = "train.py") -> subprocess.CompletedProcess:
     """`python train.py ARGS` in a subprocess (for exit codes, stderr and Hydra itself)."""

@@ -10,7 +10,7 @@ import socket
 import sys
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, side_by_side_words
 
 from softprompt.core.errors import UserError
 from softprompt.core.rundir import RunDir
@@ -42,16 +42,15 @@ def test_generate_text_output_side_by_side_from_adapter_dir_and_stdin(tiny_run, 
     monkeypatch.setattr(sys, "stdin", io.StringIO(row["prompt"] + "\n\n"))
     monkeypatch.setenv("COLUMNS", "200")
     assert main([str(run_dir / RunDir.ADAPTER), "-", "--max-new-tokens", "8", "--repetition-penalty", "1.5"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    lines = out.split("\n")
     assert lines[0].startswith(f"adapter {run_dir / RunDir.ADAPTER} (PROMPT_TUNING) on base ")
     assert lines[1] == "greedy, max_new_tokens 8, repetition_penalty 1.5"
     assert f"[1/1] {row['prompt']}" in lines
     header = next(line for line in lines if "- base -" in line)
     assert " tuned " in header and " | " in header
-    body = lines[lines.index(header) + 1]
-    left, right = body.split(" | ")
-    # the columns hold the two continuations (both short enough for one line at 200 columns)
-    assert left.strip() == row["base"] and right.strip() == row["tuned"]
+    # the columns hold the two continuations, word for word
+    assert side_by_side_words(out) == (row["base"].split(), row["tuned"].split())
 
 
 def test_generate_missing_adapter_is_a_user_error(tmp_path):

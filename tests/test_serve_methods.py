@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose, run_cli
+from conftest import TINY, compose, run_cli, side_by_side_words
 
 from softprompt.core import keys
 from softprompt.core.rundir import RunDir
@@ -136,7 +136,7 @@ def test_generate_script_serves_every_method(method, method_runs):
     assert row is not None, f"{method}: training did not change any generation"
     result = run_cli([str(run_dir), row["prompt"]], script="scripts/generate.py", env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.splitlines()
+    lines = result.stdout.split("\n")
     peft_type = {"prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING", "prefix_tuning": "PREFIX_TUNING",
                  "lora": "LORA"}[method]
     assert lines[0].startswith(f"adapter {run_dir / 'adapter'} ({peft_type}) "
@@ -145,8 +145,7 @@ def test_generate_script_serves_every_method(method, method_runs):
     assert f"[1/1] {row['prompt']}" in lines
     header = next(line for line in lines if "- base -" in line)
     assert " tuned " in header
-    left, right = lines[lines.index(header) + 1].split(" | ")
-    assert (left.strip(), right.strip()) == (row["base"], row["tuned"])
+    assert side_by_side_words(result.stdout) == (row["base"].split(), row["tuned"].split())
 
 
 def test_generate_json_reproduces_every_methods_generations(method_runs, capsys):
