@@ -452,16 +452,28 @@ def test_two_processes_on_a_cold_cache_build_each_entry_once(cold, tmp_path):
     shutil.rmtree(barrier)
 
 
+def _spy_on_hashing(monkeypatch) -> list[str]:
+    """The names of the files cache.verify hashes from now on, in order."""
+    hashed: list[str] = []
+    real_digest = cache.file_digest
+    monkeypatch.setattr(cache, "file_digest", lambda p, *a: hashed.append(p.name) or real_digest(p, *a))
+    return hashed
+
+
+def _marker_after_files(marker) -> int:
+    """Make the marker strictly newer than the entry's files (a loaded entry's state); its new mtime."""
+    later = marker.stat().st_mtime_ns + 10_000_000
+    os.utime(marker, ns=(later, later))
+    return later
+
+
 def test_unchanged_files_are_trusted_by_size_and_mtime_changed_ones_are_hashed(cold, monkeypatch):
     calls: list[str] = []
     path, _ = cache.entry("things", "k2", _build_two_files(calls))
     marker = path / cache.MANIFEST
     # the marker strictly newer than the files: the state a loaded model's entry is in later on
-    later = marker.stat().st_mtime_ns + 10_000_000
-    os.utime(marker, ns=(later, later))
-    hashed: list[str] = []
-    real_digest = cache.file_digest
-    monkeypatch.setattr(cache, "file_digest", lambda p, *a: hashed.append(p.name) or real_digest(p, *a))
+    later = _marker_after_files(marker)
+    hashed = _spy_on_hashing(monkeypatch)
     cache.verify(path)
     assert hashed == []
     # same size, new bytes, new mtime (still older than the marker): hashed and found damaged
@@ -495,11 +507,8 @@ def test_a_marker_without_mtimes_gets_them_after_one_full_check(cold, monkeypatc
     for record in old["files"].values():
         del record["mtime_ns"]  # the marker format as an older softprompt wrote it
     marker.write_text(json.dumps(old, indent=1))
-    later = marker.stat().st_mtime_ns + 10_000_000
-    os.utime(marker, ns=(later, later))
-    hashed: list[str] = []
-    real_digest = cache.file_digest
-    monkeypatch.setattr(cache, "file_digest", lambda p, *a: hashed.append(p.name) or real_digest(p, *a))
+    later = _marker_after_files(marker)
+    hashed = _spy_on_hashing(monkeypatch)
     cache.verify(path)
     assert sorted(hashed) == ["a.json", "b.bin"]
     files = json.loads(marker.read_text())["files"]
