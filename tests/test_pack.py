@@ -219,7 +219,7 @@ def test_auto_times_both_ways_and_moves_nothing():
 
     configs = [compose(FAST + o) for o in JOBS]
     loaded = load_model(configs[0].model)
-    data = pack._load_data(configs[0], loaded)
+    data = pack.load_data(configs[0], loaded)
     lanes = [pack._new_lane(c, loaded, data, [pack.Member(0, c, Path("."), data, 4, 4)], 4) for c in configs]
     before = [[p.detach().clone() for p in lane.trainable()] for lane in lanes]
     choice, seconds = pack._calibrate(lanes, loaded, "fp32", log=lambda line: None)
@@ -247,14 +247,16 @@ def test_auto_does_not_try_concat_over_too_many_rows(tmp_path, monkeypatch):
         assert RunDir(out).read_config()["pack"]["calibration_s"] is None
 
 
-@pytest.mark.parametrize("save_every_epoch", [False, True])
-def test_one_generate_call_serves_every_job_of_a_flush(tmp_path, monkeypatch, save_every_epoch):
-    """Jobs are written at the pack's end and before each checkpoint (a flush): the prompts of all
-    its prompt-tuning and p-tuning jobs decode in one call, each row behind its own job's prompt as
-    it was at that job's last step; prefix tuning generates inside its own write."""
+@pytest.mark.parametrize("flush_rows", [64, 4])
+def test_one_generate_call_serves_every_job_of_a_flush(tmp_path, monkeypatch, flush_rows):
+    """Trained jobs wait until their eval prompts fill a decode batch (FLUSH_BATCH_ROWS) or the
+    pack ends (a flush): the prompts of all its prompt-tuning and p-tuning jobs decode in one call,
+    each row behind its own job's prompt as it was at that job's last step; prefix tuning generates
+    inside its own write. A checkpoint in between holds the waiting jobs."""
     import torch
 
     from softprompt.models import generation
+    from softprompt.train import pack as pack_module
 
     calls = []
     real = generation.generate
@@ -264,8 +266,10 @@ def test_one_generate_call_serves_every_job_of_a_flush(tmp_path, monkeypatch, sa
         return real(model, tokenizer, prompts, settings, soft_prompt=soft_prompt, **kwargs)
 
     monkeypatch.setattr(generation, "generate", counting)
-    constant = ["training.lr_scheduler=constant", "peft.num_virtual_tokens=1", f"training.save_every_epoch={save_every_epoch}",
-                "eval.num_heldout_generations=2"]
+    monkeypatch.setattr(pack_module, "FLUSH_BATCH_ROWS", flush_rows)
+    eval_batch = min(8, flush_rows)
+    constant = ["training.lr_scheduler=constant", "peft.num_virtual_tokens=1", "training.save_every_epoch=true",
+                "eval.num_heldout_generations=2", f"eval.batch_size={eval_batch}"]
     jobs = [constant + ["training.epochs=1"], constant + ["training.epochs=2"],
             constant + ["training.epochs=2", "peft=p_tuning", "peft.num_virtual_tokens=3"],
             constant + ["training.epochs=2", "peft=prefix_tuning", "peft.num_virtual_tokens=2"]]
@@ -273,11 +277,12 @@ def test_one_generate_call_serves_every_job_of_a_flush(tmp_path, monkeypatch, sa
     assert [t.jobs for t in pack.trunks] == [[0, 1], [2], [3]] and all(m.state == "finished" for m in members)
     per_job = len(RunDir(dirs[0]).read_generations())
     assert per_job == 4  # 2 configured prompts, 2 held-out prefixes
-    # without checkpoints, one flush at the end: jobs 0-2 in one call; with one at epoch 1 (step 2),
-    # job 0 (1 epoch) is written before it, jobs 1 and 2 at the end
-    expected = [[0, 1, 2]] if not save_every_epoch else [[0], [1, 2]]
+    # 64 rows per batch: job 0 (1 epoch) waits through the epoch-1 checkpoint and joins jobs 1 and 2
+    # at the end; 4 rows per batch: job 0's 4 prompts fill one, so it is written at epoch 1
+    expected = [[0, 1, 2]] if flush_rows == 64 else [[0], [1, 2]]
     assert [c["rows"] for c in calls] == [per_job * len(flush) for flush in expected]
-    assert [c["batch_size"] for c in calls] == [max(8, per_job * len(flush)) for flush in expected]
+    assert [c["batch_size"] for c in calls] == [max(eval_batch, min(per_job * len(flush), flush_rows))
+                                                for flush in expected]
     rows = [p for c in calls for p in c["soft_prompt"]]
     for k, i in enumerate(i for flush in expected for i in flush):
         mine = rows[k * per_job:(k + 1) * per_job]
@@ -329,7 +334,9 @@ def test_sigkill_during_a_pack_then_resume_continues_every_job_exactly(tmp_path)
     from softprompt.train import checkpoints
     from softprompt.train.pack import PACK_CHECKPOINTS
 
-    # a constant trunk (2, 3 epochs) and a wsd job of another prompt length: 6 steps, checkpoints per epoch
+    # a constant trunk (2, 3 epochs) and a wsd job of another prompt length: 6 steps, checkpoints per
+    # epoch; the kill comes after the epoch-2 checkpoint, which holds job 0 trained but not written
+    # (its 2 eval prompts do not fill a decode batch: it waits for the pack's end)
     jobs = [["training.lr_scheduler=constant", "training.epochs=2"],
             ["training.lr_scheduler=constant", "training.epochs=3"],
             ["training.lr_scheduler=wsd", "training.epochs=3", "peft.num_virtual_tokens=2"]]
@@ -343,7 +350,7 @@ def test_sigkill_during_a_pack_then_resume_continues_every_job_exactly(tmp_path)
                             env=child_env({"SOFTPROMPT_TEST_STEP_DELAY": "1.5"}), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
-    while checkpoints.latest_checkpoint(root) is None:  # the end of epoch 1 (step 2)
+    while (latest := checkpoints.latest_checkpoint(root)) is None or latest.name != "checkpoint-4":
         assert proc.poll() is None, f"the pack ended before the kill point: {proc.stderr.read()[-3000:]}"
         assert time.monotonic() < deadline, "kill point not reached in time"
         time.sleep(0.05)
@@ -351,10 +358,12 @@ def test_sigkill_during_a_pack_then_resume_continues_every_job_exactly(tmp_path)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not any(RunDir(d).finished for d in dirs)
+    assert [w["member"] for w in checkpoints.read_state(root / "checkpoint-4")["waiting"]] == [0]
 
     _, resumed, _ = _packed(tmp_path, "", [j + ["training.resume=true"] for j in jobs], dirs=dirs)
+    # job 0 is written from the checkpoint as it was trained before the kill; the others continued
+    assert [m.metrics[keys.TRAIN_RESUMED_FROM_STEP] for m in resumed] == [0, 4, 4]
     for out, mine, ref_dir, theirs in zip(dirs, resumed, ref_dirs, reference):
-        assert mine.metrics[keys.TRAIN_RESUMED_FROM_STEP] >= 2  # continued, not started over
         assert mine.metrics[keys.EVAL_PERPLEXITY] == pytest.approx(theirs.metrics[keys.EVAL_PERPLEXITY], rel=1e-5)
         assert mine.metrics[keys.TRAIN_LOSS] == pytest.approx(theirs.metrics[keys.TRAIN_LOSS], rel=1e-5)
         torch.testing.assert_close(_prompt(out), _prompt(ref_dir), rtol=0, atol=1e-5)

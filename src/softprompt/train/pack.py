@@ -29,13 +29,14 @@ becomes NaN/inf is marked failed (`failed.json`, a W&B run finished with exit co
 others of its lane; the rest of the pack goes on.
 
 Writes are batched. A job whose training ends is *trained*: a copy of its prompt parameters and
-what its lane says about it then (last evaluation, loss sum, tokens, times) wait for the next
-*flush*, at the pack's end and before each pack checkpoint (so a checkpoint never holds a job that
-trained but is not written: a resume from it trains that job again). A flush decodes the eval
-prompts of all its prompt-tuning and p-tuning jobs in one `generate` call, each row behind its
-own job's soft prompt (decoding is memory-bound: a step reads every weight once, for 6 rows or
-36), then writes each job with its own prompt put back into its lane's model.
-Other methods generate inside their own write, as a standalone run does.
+what its lane says about it then (last evaluation, loss sum, tokens, times) wait for a *flush*. A
+flush decodes the eval prompts of all its prompt-tuning and p-tuning jobs in one `generate` call,
+each row behind its own job's soft prompt (decoding is memory-bound: a step reads every weight once,
+for 6 rows or 36), then writes each job with its own prompt put back into its lane's model. Those
+jobs flush when their prompts fill a decode batch (`FLUSH_BATCH_ROWS`: waiting longer would save
+nothing) and at the pack's end; a pack checkpoint holds the jobs still waiting (their prompts and
+what their lane said), so a resume writes them without training them again. Other methods generate
+inside their own write, as a standalone run does, and are written as soon as they are trained.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ CALIBRATION_MAX_ROWS = 32
 PACK_CHECKPOINTS = "pack"  # under the first job's checkpoints/: the pack's atomic checkpoints
 # the most rows a flush decodes at once (unless eval.batch_size asks for more): a decode step reads
 # every weight once whatever its rows, but its KV cache and activations grow with them; the seed
-# grid's 15 jobs x 6 prompts decode in two batches
+# grid's 15 jobs x 6 prompts decode in two batches. Trained jobs wait until their prompts fill one
+# such batch (or the pack ends)
 FLUSH_BATCH_ROWS = 64
 
 
@@ -219,7 +221,7 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
     data_by_seed: dict[int, Data] = {}
     for cfg in configs:
         if cfg.seed not in data_by_seed:
-            data_by_seed[cfg.seed] = _load_data(cfg, loaded)
+            data_by_seed[cfg.seed] = load_data(cfg, loaded)
     members = []
     done_before = {i for i, m in enumerate(saved.state["members"]) if m["state"] != "pending"} if saved else set()
     for i, (cfg, out) in enumerate(zip(configs, run_dirs)):
@@ -244,8 +246,9 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
         if saved is None:
             lanes.append(_new_lane(longest.cfg, loaded, longest.data, group, longest.total, made_from=longest.index))
     step = 0
+    waiting: list[Trained] = []  # jobs trained but not written yet
     if saved is not None:
-        step, lanes = _restore(saved, members, loaded)
+        step, lanes, waiting = _restore(saved, members, loaded)
         forward = saved.state["forward"]  # the way the first attempt chose: no second calibration
 
     concat_ok = len(lanes) > 1 and all(l.fast_loss for l in lanes)
@@ -295,7 +298,7 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
     delay = checkpoints.step_delay_for_tests()
     save_every = first.training.save_steps
     orders: dict[tuple[int, int], list[list[int]]] = {}
-    waiting: list[Trained] = []  # jobs trained since the last flush
+    flush_rows = max(first.eval.batch_size, FLUSH_BATCH_ROWS)
     while lanes:
         # members that leave their lane now: a wsd job whose own decay starts at this step
         for lane in list(lanes):
@@ -353,16 +356,17 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
                 lane.members.remove(m)
             if not lane.members:
                 lanes.remove(lane)
+        due = _due(waiting, flush_rows, final=not lanes)
+        if due:
+            t0 = time.perf_counter()
+            _flush(due, loaded, wandb_mode, log)
+            written = {id(job) for job in due}  # by identity: a Trained holds tensors
+            waiting = [job for job in waiting if id(job) not in written]
+            eval_s += time.perf_counter() - t0
         # checkpoints as a standalone run writes them: each epoch's end (and every save_steps)
         end_of_epoch = step % steps_per_epoch(len(members[0].data.train_rows), settings.batch_size) == 0
         if lanes and ((first.training.save_every_epoch and end_of_epoch) or (save_every and step % save_every == 0)):
-            t0 = time.perf_counter()
-            _flush(waiting, loaded, wandb_mode, log)  # a checkpoint holds no job that trained but is not written
-            eval_s += time.perf_counter() - t0
-            _save(checkpoint_root, step, lanes, members, forward, calibration)
-    t0 = time.perf_counter()
-    _flush(waiting, loaded, wandb_mode, log)
-    eval_s += time.perf_counter() - t0
+            _save(checkpoint_root, step, lanes, waiting, members, forward, calibration)
     bar.close()
     total_s = time.time() - pack_start
     # evaluation: per-epoch held-out perplexity and each job's final evaluation, generation and writes
@@ -394,7 +398,7 @@ def _leave_at(m: Member) -> int:
     return m.total
 
 
-def _load_data(cfg: DictConfig, loaded) -> Data:
+def load_data(cfg: DictConfig, loaded) -> Data:
     """What `run()` does before training, for one seed: split, tokenise, evaluate the base model."""
     splits = load_splits(cfg.dataset, cfg.seed)
     tokenizer_id = f"{cfg.model.source}:{loaded.tokenizer_path}"
@@ -461,9 +465,10 @@ def _resume_point(cfg: DictConfig, root: Path, run_dirs: list) -> Any:
     return saved
 
 
-def _save(root: Path, step: int, lanes: list[Lane], members: list[Member], forward: str,
+def _save(root: Path, step: int, lanes: list[Lane], waiting: list[Trained], members: list[Member], forward: str,
           calibration: dict[str, float] | None) -> None:
-    assert not any(m.state == "trained" for m in members), "flush before a checkpoint"
+    """The lanes' prompts and optimizers, and the trained jobs still waiting for a flush (their
+    prompts after the lanes')."""
     state = {
         "step": step, "forward": forward, "calibration_s": calibration, "dirs": [m.out.name for m in members],
         "members": [{"state": m.state, "error": m.error, "rows": m.rows} for m in members],
@@ -472,20 +477,31 @@ def _save(root: Path, step: int, lanes: list[Lane], members: list[Member], forwa
                    "history": lane.history,
                    "last_eval": [lane.last_eval[0], lane.last_eval[1].as_dict()] if lane.last_eval else None}
                   for lane in lanes],
+        "waiting": [{"member": job.member.index, "tokens": job.tokens, "train": job.train,
+                     "history": job.member.history,
+                     "last_eval": job.last_eval.as_dict() if job.last_eval else None} for job in waiting],
     }
+    prompts = [{n: p.detach().cpu() for n, p in _trainable_by_name(lane)} for lane in lanes]
+    prompts += [{n: p.cpu() for (n, _), p in zip(_trainable_by_name(job.lane), job.params, strict=True)}
+                for job in waiting]
     checkpoints.save(root, step, checkpoints.Checkpoint(
-        state=state, prompts=[{n: p.detach().cpu() for n, p in lane.model.named_parameters() if p.requires_grad}
-                              for lane in lanes],
-        optimizers=[lane.optimizer.state_dict() for lane in lanes]))
+        state=state, prompts=prompts, optimizers=[lane.optimizer.state_dict() for lane in lanes]))
 
 
-def _restore(saved, members: list[Member], loaded) -> tuple[int, list[Lane]]:
+def _trainable_by_name(lane: Lane) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of what the lane trains, in the order of `Lane.trainable()`."""
+    return [(n, p) for n, p in lane.model.named_parameters() if p.requires_grad]
+
+
+def _restore(saved, members: list[Member], loaded) -> tuple[int, list[Lane], list[Trained]]:
+    """The step to continue from, the lanes, and the trained jobs that wait for a flush."""
     for m, state in zip(members, saved.state["members"], strict=True):
         m.state, m.error, m.rows = state["state"], state["error"], list(state["rows"])
         if m.state == "finished":
             m.metrics = RunDir(m.out).read_metrics()
     lanes = []
-    for state, prompt, optimizer in zip(saved.state["lanes"], saved.prompts, saved.optimizers, strict=True):
+    lane_prompts, waiting_prompts = saved.prompts[:len(saved.state["lanes"])], saved.prompts[len(saved.state["lanes"]):]
+    for state, prompt, optimizer in zip(saved.state["lanes"], lane_prompts, saved.optimizers, strict=True):
         owner = members[state["made_from"]]
         lane = _new_lane(owner.cfg, loaded, owner.data, [members[i] for i in state["members"]], state["total"],
                          made_from=owner.index)
@@ -500,7 +516,16 @@ def _restore(saved, members: list[Member], loaded) -> tuple[int, list[Lane]]:
         if state["last_eval"]:
             lane.last_eval = (state["last_eval"][0], PerplexityResult(**state["last_eval"][1]))
         lanes.append(lane)
-    return saved.state["step"], lanes
+    waiting = []
+    for state, prompt in zip(saved.state.get("waiting", []), waiting_prompts, strict=True):
+        m = members[state["member"]]
+        m.history = list(state["history"])
+        # a model of the job's own settings to hold its prompt while it is evaluated and written
+        holder = _new_lane(m.cfg, loaded, m.data, [], m.total, made_from=m.index)
+        params = [prompt[name].clone() for name, _ in _trainable_by_name(holder)]
+        last_eval = PerplexityResult(**state["last_eval"]) if state["last_eval"] else None
+        waiting.append(Trained(m, holder, params, last_eval, state["tokens"], dict(state["train"])))
+    return saved.state["step"], lanes, waiting
 
 
 # --- one step ------------------------------------------------------------------------------------
@@ -670,12 +695,27 @@ def _holding(job: Trained):
                 param.copy_(theirs)
 
 
-def _flush(waiting: list[Trained], loaded, wandb_mode: str, log) -> None:
-    """Evaluate and write every waiting job (then none waits): the generations of all those whose
-    prompt is input embeddings in one batched call, each row behind its own job's soft prompt."""
-    if not waiting:
+def _batched(job: Trained) -> bool:
+    """Whether the job's generations can join a flush's batch (its prompt is input embeddings)."""
+    return get_method(job.member.cfg.peft.method).soft_prompt
+
+
+def _due(waiting: list[Trained], flush_rows: int, final: bool) -> list[Trained]:
+    """The waiting jobs to write now: all of them at the pack's end; before it, those that cannot
+    join a batch, and the batched ones once their eval prompts fill a decode batch."""
+    if final:
+        return list(waiting)
+    batched = [job for job in waiting if _batched(job)]
+    full = sum(len(job.member.data.prompts) for job in batched) >= flush_rows
+    return [job for job in waiting if full or not _batched(job)]
+
+
+def _flush(jobs: list[Trained], loaded, wandb_mode: str, log) -> None:
+    """Evaluate and write these trained jobs: the generations of all those whose prompt is input
+    embeddings in one batched call, each row behind its own job's soft prompt."""
+    if not jobs:
         return
-    batched = [job for job in waiting if get_method(job.member.cfg.peft.method).soft_prompt]
+    batched = [job for job in jobs if _batched(job)]
     texts: dict[int, tuple[list[str], float]] = {}  # member index -> its generations, its share of the time
     if batched:
         prompts, soft_prompts = [], []
@@ -697,10 +737,9 @@ def _flush(waiting: list[Trained], loaded, wandb_mode: str, log) -> None:
             n = len(job.member.data.prompts)
             texts[job.member.index] = out[start:start + n], seconds * n / max(len(prompts), 1)
             start += n
-    for job in waiting:
+    for job in jobs:
         generations, seconds = texts.get(job.member.index, (None, 0.0))
         _write(job, loaded, generations, seconds, wandb_mode, log)
-    waiting.clear()
 
 
 def _write(job: Trained, loaded, generations: list[str] | None, generation_s: float, wandb_mode: str, log) -> None:
