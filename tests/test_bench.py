@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import run_cli
 
 
@@ -94,3 +95,39 @@ def test_split_of_run_arithmetic():
     assert split["finish_s"] == 47.0 - 4.0 - 41.0
     assert sum(split[k] for k in SPLIT) == 47.0
     assert split["wall_over_train"] == 47.0 / 29.0 and split["base_cached"] is True
+
+
+SWEEP = """name: tiny_pack
+program: train.py
+method: grid
+metric: {name: eval/perplexity, goal: minimize}
+parameters:
+  peft.num_virtual_tokens: {values: [1, 2]}
+  training.epochs: {values: [1, 2]}
+"""
+
+
+def test_bench_sweep_times_both_modes_from_the_same_warm_cache(tmp_path):
+    """`--sweep`: a warm-up fills a fresh cache, then the grid runs shared (one pack, 2 trunks) and
+    alone; both modes find the base evaluation cached, and their results are bit-identical."""
+    sweep, out = tmp_path / "tiny.yaml", tmp_path / "sweep-bench.json"
+    sweep.write_text(SWEEP)
+    proc = run_cli(["--sweep", str(sweep), "--root", str(tmp_path / "runs"), "--out", str(out),
+                    "model=tiny-llama", "dataset=prompts_sample", "dataset.max_samples=20", "training.max_length=24",
+                    "training.lr_scheduler=constant", "training.pack_forward=turns", "eval.max_new_tokens=4",
+                    "eval.num_heldout_generations=0", "eval.train_perplexity_rows=4", "wandb.mode=disabled"],
+                   script="scripts/bench.py", env={"SOFTPROMPT_CACHE": str(tmp_path / "fresh-cache")}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["jobs"] == 4 and result["compared"] == 4
+    assert result["max_rel_diff_eval_perplexity"] == 0.0  # turns: each job computes what it computes alone
+    assert result["warmup_s"] > 0 and result["alone_wall_s"] > 0 and result["shared_wall_s"] > 0
+    assert result["ratio"] == pytest.approx(result["alone_wall_s"] / result["shared_wall_s"], rel=1e-3)  # rounded walls
+    assert all(job["alone_state"] == job["shared_state"] == "finished" for job in result["per_job"])
+    for mode in ("shared", "alone"):
+        sweep_dir = tmp_path / "runs" / mode
+        metrics = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("sweep-*/*/metrics.json"))]
+        assert len(metrics) == 4
+        assert [m["eval/base_cached"] for m in metrics] == [1, 1, 1, 1]  # the warm-up computed it
+    shared = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs" / "shared").glob("sweep-*/*/config.json"))]
+    assert [c["pack"]["jobs"] for c in shared] == [4] * 4 and {c["pack"]["trunks"] for c in shared} == {2}

@@ -2,9 +2,11 @@
 one invocation, with the largest difference between the two modes' results.
 
 Each mode runs in a fresh child process (as `scripts/sweep.py` would: imports and first calls paid
-in both), shared first: both use the same softprompt cache, so the base-model evaluation and the
-tokenisation that the shared mode computes are cache hits for the alone mode, and the ratio errs
-against sharing. The wall time of a mode is the child's, from start to exit.
+in both). Both read the same softprompt cache, so whichever ran first would pay the base model's
+evaluation and the tokenisation of each data split and the other would find them cached; an
+untimed warm-up child fills the cache first (`warmup_s`), so that the two modes start equal and
+the ratio compares what they do differently: training and each job's evaluation. The wall time of
+a mode is the child's, from start to exit.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from softprompt.core.errors import UserError
 from softprompt.core.rundir import RunDir
 
 MODES = (("shared", True), ("alone", False))
+WARM = "warm"
 
 
 def bench_sweep(sweep_file: str, overrides: list[str], root: str | Path | None = None, count: int | None = None,
@@ -36,7 +39,8 @@ def bench_sweep(sweep_file: str, overrides: list[str], root: str | Path | None =
     src = str(Path(softprompt.__file__).resolve().parents[1])
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
     modes: dict[str, dict[str, Any]] = {}
-    for mode, _ in MODES:
+    warmup_s = 0.0
+    for mode in (WARM, *(m for m, _ in MODES)):
         command = [sys.executable, "-m", "softprompt.experiments.sweep_bench", "--mode", mode, "--sweep",
                    str(sweep_file), "--root", str(root / mode), *(["--count", str(count)] if count else []),
                    *overrides]
@@ -44,7 +48,12 @@ def bench_sweep(sweep_file: str, overrides: list[str], root: str | Path | None =
         done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
         seconds = time.perf_counter() - t0
         if done.returncode != 0:
-            raise UserError(f"the {mode} sweep failed (exit {done.returncode}); its output is above")
+            raise UserError(f"the {mode} {'-up' if mode == WARM else 'sweep'} failed (exit {done.returncode}); "
+                            "its output is above")
+        if mode == WARM:
+            warmup_s = seconds
+            log(f"[bench] warm-up (base evaluations and tokenisation into the cache): {seconds:.1f} s")
+            continue
         sweep_dir = Path(done.stdout.strip().splitlines()[-1])
         state = json.loads((sweep_dir / "sweep.json").read_text())
         jobs = {}
@@ -68,13 +77,51 @@ def bench_sweep(sweep_file: str, overrides: list[str], root: str | Path | None =
     alone_s, shared_s = modes["alone"]["wall_s"], modes["shared"]["wall_s"]
     return {
         "sweep": sweep.name, "jobs": len(per_job), "overrides": list(overrides),
-        "alone_wall_s": round(alone_s, 2), "shared_wall_s": round(shared_s, 2),
+        "warmup_s": round(warmup_s, 2), "alone_wall_s": round(alone_s, 2), "shared_wall_s": round(shared_s, 2),
         "ratio": alone_s / shared_s if shared_s else math.nan,
         "max_rel_diff_eval_perplexity": max(diffs) if diffs else None,
         "compared": len(diffs), "per_job": per_job,
         "dirs": {"alone": modes["alone"]["dir"], "shared": modes["shared"]["dir"]},
         "load_average_after": list(os.getloadavg()),
     }
+
+
+def _warm(sweep_file: str, count: int | None, overrides: list[str]) -> None:
+    """The warm-up child: for each distinct data split of the sweep's jobs, what a pack computes
+    before training (tokenisation, the base model's evaluation), into the cache the modes read."""
+    from omegaconf import OmegaConf
+
+    from softprompt.experiments.sweep import (
+        Job,
+        compose,
+        job_overrides,
+        load_sweep,
+        merge_overrides,
+        planned_count,
+        propose,
+    )
+    from softprompt.models.loading import load_model
+    from softprompt.train.pack import load_data
+
+    sweep = load_sweep(sweep_file)
+    limit, jobs = planned_count(sweep, count), []
+    while limit is None or len(jobs) < limit:
+        values = propose(sweep, jobs)
+        if values is None:
+            break
+        jobs.append(Job(index=len(jobs), values=values, run_dir=Path()))
+    configs = [compose(merge_overrides(job_overrides(j.values), overrides)) for j in jobs]
+    by_model: dict[str, list] = {}
+    for cfg in configs:
+        by_model.setdefault(json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True), []).append(cfg)
+    for group in by_model.values():
+        loaded, seen = load_model(group[0].model), set()
+        for cfg in group:  # what a split and its base evaluation depend on
+            split = json.dumps([OmegaConf.to_container(cfg.dataset, resolve=True), cfg.seed,
+                                cfg.training.max_length, OmegaConf.to_container(cfg.eval, resolve=True)], sort_keys=True)
+            if split not in seen:
+                seen.add(split)
+                load_data(cfg, loaded)
 
 
 def _one_mode(mode: str, sweep_file: str, root: str, count: int | None, overrides: list[str]) -> None:
@@ -97,11 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=None, help="at most N jobs per mode")
     parser.add_argument("--root", default=None, help="where both sweeps' run dirs go (default: a temp dir)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
-    parser.add_argument("--mode", choices=[m for m, _ in MODES], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=[WARM, *(m for m, _ in MODES)], default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every job, e.g. dataset.path=FILE")
     args = parser.parse_intermixed_args(argv)
     os.environ.setdefault("SOFTPROMPT_QUIET", "1")
     try:
+        if args.mode == WARM:
+            _warm(args.sweep, args.count, args.overrides)
+            return 0
         if args.mode:
             _one_mode(args.mode, args.sweep, args.root, args.count, args.overrides)
             return 0
