@@ -122,7 +122,8 @@ def test_bench_sweep_times_both_modes_from_the_same_warm_cache(tmp_path):
     assert result["jobs"] == 4 and result["compared"] == 4
     assert result["max_rel_diff_eval_perplexity"] == 0.0  # turns: each job computes what it computes alone
     assert result["warmup_s"] > 0 and result["alone_wall_s"] > 0 and result["shared_wall_s"] > 0
-    assert result["ratio"] == pytest.approx(result["alone_wall_s"] / result["shared_wall_s"], rel=1e-3)  # rounded walls
+    # the ratio is of the unrounded walls; each printed wall is rounded to 0.01 s (of ~10 s here)
+    assert result["ratio"] == pytest.approx(result["alone_wall_s"] / result["shared_wall_s"], rel=5e-3)
     assert all(job["alone_state"] == job["shared_state"] == "finished" for job in result["per_job"])
     for mode in ("shared", "alone"):
         sweep_dir = tmp_path / "runs" / mode
