@@ -87,8 +87,8 @@ def bench_sweep(sweep_file: str, overrides: list[str], root: str | Path | None =
 
 
 def _warm(sweep_file: str, count: int | None, overrides: list[str]) -> None:
-    """The warm-up child: for each distinct data split of the sweep's jobs, what a pack computes
-    before training (tokenisation, the base model's evaluation), into the cache the modes read."""
+    """The warm-up child: what each pack of the shared mode computes before training, for each of
+    its data splits (tokenisation, the base model's evaluation), into the cache both modes read."""
     from omegaconf import OmegaConf
 
     from softprompt.experiments.sweep import (
@@ -102,6 +102,7 @@ def _warm(sweep_file: str, count: int | None, overrides: list[str]) -> None:
     )
     from softprompt.models.loading import load_model
     from softprompt.train.pack import load_data
+    from softprompt.train.planner import plan
 
     sweep = load_sweep(sweep_file)
     limit, jobs = planned_count(sweep, count), []
@@ -111,17 +112,14 @@ def _warm(sweep_file: str, count: int | None, overrides: list[str]) -> None:
             break
         jobs.append(Job(index=len(jobs), values=values, run_dir=Path()))
     configs = [compose(merge_overrides(job_overrides(j.values), overrides)) for j in jobs]
-    by_model: dict[str, list] = {}
-    for cfg in configs:
-        by_model.setdefault(json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True), []).append(cfg)
-    for group in by_model.values():
-        loaded, seen = load_model(group[0].model), set()
-        for cfg in group:  # what a split and its base evaluation depend on
-            split = json.dumps([OmegaConf.to_container(cfg.dataset, resolve=True), cfg.seed,
-                                cfg.training.max_length, OmegaConf.to_container(cfg.eval, resolve=True)], sort_keys=True)
-            if split not in seen:
-                seen.add(split)
-                load_data(cfg, loaded)
+    models: dict[str, Any] = {}
+    for pack in plan(configs):  # a pack's jobs share everything a split depends on but the seed
+        first_of_seed = {configs[i].seed: configs[i] for i in reversed(pack.jobs)}
+        for cfg in first_of_seed.values():
+            key = json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True)
+            if key not in models:
+                models[key] = load_model(cfg.model)
+            load_data(cfg, models[key])  # a split another pack already evaluated is a cache hit
 
 
 def _one_mode(mode: str, sweep_file: str, root: str, count: int | None, overrides: list[str]) -> None:
