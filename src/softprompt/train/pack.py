@@ -172,8 +172,12 @@ class Lane:
     def end(self) -> int:
         return self.schedule.total_steps
 
+    def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of what the lane trains; `Trained.params` and checkpoints follow this order."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
     def trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        return [p for _, p in self.named_trainable()]
 
 
 @dataclass
@@ -481,16 +485,11 @@ def _save(root: Path, step: int, lanes: list[Lane], waiting: list[Trained], memb
                      "history": job.member.history,
                      "last_eval": job.last_eval.as_dict() if job.last_eval else None} for job in waiting],
     }
-    prompts = [{n: p.detach().cpu() for n, p in _trainable_by_name(lane)} for lane in lanes]
-    prompts += [{n: p.cpu() for (n, _), p in zip(_trainable_by_name(job.lane), job.params, strict=True)}
+    prompts = [{n: p.detach().cpu() for n, p in lane.named_trainable()} for lane in lanes]
+    prompts += [{n: p.cpu() for (n, _), p in zip(job.lane.named_trainable(), job.params, strict=True)}
                 for job in waiting]
     checkpoints.save(root, step, checkpoints.Checkpoint(
         state=state, prompts=prompts, optimizers=[lane.optimizer.state_dict() for lane in lanes]))
-
-
-def _trainable_by_name(lane: Lane) -> list[tuple[str, torch.nn.Parameter]]:
-    """(name, parameter) of what the lane trains, in the order of `Lane.trainable()`."""
-    return [(n, p) for n, p in lane.model.named_parameters() if p.requires_grad]
 
 
 def _restore(saved, members: list[Member], loaded) -> tuple[int, list[Lane], list[Trained]]:
@@ -522,7 +521,7 @@ def _restore(saved, members: list[Member], loaded) -> tuple[int, list[Lane], lis
         m.history = list(state["history"])
         # a model of the job's own settings to hold its prompt while it is evaluated and written
         holder = _new_lane(m.cfg, loaded, m.data, [], m.total, made_from=m.index)
-        params = [prompt[name].clone() for name, _ in _trainable_by_name(holder)]
+        params = [prompt[name].clone() for name, _ in holder.named_trainable()]
         last_eval = PerplexityResult(**state["last_eval"]) if state["last_eval"] else None
         waiting.append(Trained(m, holder, params, last_eval, state["tokens"], dict(state["train"])))
     return saved.state["step"], lanes, waiting
