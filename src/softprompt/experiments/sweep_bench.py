@@ -48,8 +48,8 @@ def bench_sweep(sweep_file: str, overrides: list[str], root: str | Path | None =
         done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
         seconds = time.perf_counter() - t0
         if done.returncode != 0:
-            raise UserError(f"the {mode} {'-up' if mode == WARM else 'sweep'} failed (exit {done.returncode}); "
-                            "its output is above")
+            what = "the warm-up" if mode == WARM else f"the {mode} sweep"
+            raise UserError(f"{what} failed (exit {done.returncode}); its output is above")
         if mode == WARM:
             warmup_s = seconds
             log(f"[bench] warm-up (base evaluations and tokenisation into the cache): {seconds:.1f} s")
