@@ -89,7 +89,7 @@ def test_sigterm_mid_epoch_checkpoints_marks_wandb_preempted_and_the_rerun_resum
     assert 3 <= step < 12 and step % 3 != 0 and step != 8, step  # mid-epoch, not a scheduled save
     ckpt = run_dir / "checkpoints" / f"checkpoint-{step}"
     assert Path(found.group(2)) == ckpt and (ckpt / COMPLETE).is_file()
-    assert checkpoints.read_state(ckpt)["global_step"] == step
+    assert checkpoints.read_state(ckpt)["step"] == step
     assert RunDir(run_dir).read_preempted() == "SIGTERM"
     assert not (run_dir / "metrics.json").exists()
     # W&B: a preemption record and the exit code 143, not a crash
@@ -137,7 +137,7 @@ def test_a_changed_command_in_a_preempted_dir_starts_over(tmp_path):
     (run_dir / "checkpoints" / "checkpoint-3").mkdir(parents=True)
     (run_dir / "checkpoints" / "checkpoint-3" / COMPLETE).write_text("")
     RunDir(run_dir).write_preempted("SIGTERM")
-    point = resume.prepare(cfg, run_dir)  # seed differs: not the preempted run's command
+    point = resume.prepare([cfg], [run_dir])  # seed differs: not the preempted run's command
     assert point.checkpoint is None and not (run_dir / "checkpoints").exists()
     assert RunDir(run_dir).read_preempted() is None
 
@@ -198,7 +198,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
     ckpts = run_dir / "checkpoints"
     assert [p.name for p in complete_checkpoints(ckpts)] == ["checkpoint-3"]
     assert not list(ckpts.glob(".staging-*")) and not (ckpts / "checkpoint-6").exists()
-    assert checkpoints.load(ckpts / "checkpoint-3").state["global_step"] == 3
+    assert checkpoints.load(ckpts / "checkpoint-3").state["step"] == 3
     assert not (run_dir / "metrics.json").exists()
 
 

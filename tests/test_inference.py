@@ -172,9 +172,9 @@ def count_base_loads(monkeypatch):
     calls = []
     real = inference.load_model
 
-    def counting(cfg):
+    def counting(cfg, device="cpu"):
         calls.append(cfg.name_or_path)
-        return real(cfg)
+        return real(cfg, device)
 
     monkeypatch.setattr(inference, "load_model", counting)
     return calls

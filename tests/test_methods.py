@@ -48,18 +48,24 @@ def test_preset_trains_saves_and_reloads(method, tmp_path):
 
     from softprompt.data.loading import load_splits, tokenize
     from softprompt.models.loading import load_model
-    from softprompt.train.trainer import LoopSettings, job_from_config, train
+    from softprompt.train.batches import PaddingCollator
+    from softprompt.train.pack import Data, new_lane
+    from softprompt.train.step import train_step
 
-    cfg, loaded, model = _tiny(method)
+    cfg = compose(TINY + [f"peft={method}", "training.max_steps=2", "training.learning_rate=0.3"])
     assert cfg.peft.method == method
+    loaded = load_model(cfg.model)
     tok = loaded.tokenizer
+    rows = tokenize(load_splits(cfg.dataset, cfg.seed).train[:16], tok, 64, "tiny")
+    lane = new_lane(cfg, loaded, Data(None, rows, [], [], [], None, False, 0.0), [], total=2)
+    model = lane.model
     before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     assert sum(v.numel() for v in before.values()) == TRAINABLE[method]
-    rows = tokenize(load_splits(cfg.dataset, cfg.seed).train[:16], tok, 64, "tiny")
-    result = train([job_from_config(cfg, model)], rows, tok.pad_token_id, LoopSettings.from_config(cfg, "fp32"),
-                   checkpoint_dir=tmp_path / "ckpt")
-    assert result.steps == 2 and result.epoch == 1.0  # 16 rows, batch 8: one epoch
-    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["checkpoint-2"]
+    collate = PaddingCollator(tok.pad_token_id)
+    for step, batch in enumerate((rows[:8], rows[8:])):  # the engine's step, twice
+        result = train_step([lane], [collate([{"input_ids": r} for r in batch])], loaded.model, step,
+                            forward="turns", device=torch.device("cpu"), autocast=None)
+        assert result.tokens == [sum(len(r) for r in batch)] and result.rates == [0.3]
     after = dict(model.named_parameters())
     assert any(not torch.equal(before[k], after[k]) for k in before), "no trainable weight moved"
 
@@ -258,3 +264,34 @@ def test_two_process_cpu_run_writes_once(tmp_path):
     assert round(metrics[keys.TRAIN_TOKENS_PER_SECOND] * metrics[keys.TRAIN_RUNTIME_S]) == expected
     assert "tuned model: held-out perplexity" in result.stdout
     assert result.stdout.count("tuned model: held-out perplexity") == 1  # evaluated once
+
+
+def test_two_process_pack_trains_every_job_on_both_shards(tmp_path):
+    """`torchrun` under a packed multirun: both ranks plan the same pack, each trains its shard of
+    every job's batches, rank 0 alone writes; each job's token count is both shards' exactly."""
+    from softprompt.data.loading import load_splits, tokenize
+    from softprompt.models.loading import load_model
+    from softprompt.train.batches import epoch_batches
+
+    load_model(compose(TINY).model)  # build the tiny model's cache once, not racing in two ranks
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(_free_port()), str(ROOT / "train.py"), "-m", "hydra/launcher=packed", *TINY, "training.max_steps=2",
+            "training.batch_size=4", "eval.max_new_tokens=4", "eval.num_heldout_generations=0",
+            "eval.per_epoch=false", "seed=1,2", "training.pack_forward=turns", f"hydra.sweep.dir={sweep}"]
+    result = subprocess.run(args, cwd=ROOT, env=child_env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.relative_to(sweep).as_posix() for p in sweep.rglob(RunDir.METRICS)) == [
+        f"0/{RunDir.METRICS}", f"1/{RunDir.METRICS}"]
+    loaded = load_model(compose(TINY).model)
+    for i, seed in enumerate((1, 2)):
+        metrics = json.loads((sweep / str(i) / RunDir.METRICS).read_text())
+        assert metrics[keys.TRAIN_STEPS] == 2 and metrics[keys.PACK_JOBS] == 2
+        assert len(list((sweep / str(i) / RunDir.WANDB).glob("offline-run-*"))) == 1
+        cfg = compose(TINY + [f"seed={seed}"])
+        rows = tokenize(load_splits(cfg.dataset, seed).train, loaded.tokenizer, cfg.training.max_length,
+                        f"{cfg.model.source}:{loaded.tokenizer_path}")
+        shards = [epoch_batches([len(r) for r in rows], 4, seed, 0, True, rank=r, world_size=2)[:2] for r in (0, 1)]
+        assert shards[0] != shards[1]
+        assert metrics[keys.TRAIN_TOKENS_SEEN] == sum(len(rows[k]) for shard in shards for batch in shard for k in batch)

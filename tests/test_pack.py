@@ -34,6 +34,11 @@ def _prompt(run_dir: Path):
     return next(iter(load_file(str(RunDir(run_dir).adapter / "adapter_model.safetensors")).values()))
 
 
+def _evals(history: list[dict]) -> list[dict]:
+    """The per-epoch evaluations of a history.jsonl (which also holds every logged step)."""
+    return [r for r in history if keys.EVAL_PERPLEXITY in r]
+
+
 def _alone(tmp: Path, name: str, overrides: list[str]) -> tuple[Path, dict]:
     from softprompt.train.run import run
 
@@ -106,7 +111,7 @@ def test_each_budget_of_a_trunk_equals_its_standalone_run(tmp_path, schedule):
         torch.testing.assert_close(_prompt(out), _prompt(alone_dir), rtol=0, atol=1e-5)
         # the shorter job is generated and written after its trunk trained on: from its own prompt
         assert RunDir(out).read_generations() == RunDir(alone_dir).read_generations()
-        mine, theirs = RunDir(out).read_history(), RunDir(alone_dir).read_history()
+        mine, theirs = (_evals(RunDir(d).read_history()) for d in (out, alone_dir))
         assert [r[keys.EPOCH] for r in mine] == [r[keys.EPOCH] for r in theirs] == list(range(1, e + 1))
         assert [r[keys.EVAL_PERPLEXITY] for r in mine] == pytest.approx([r[keys.EVAL_PERPLEXITY] for r in theirs],
                                                                        rel=1e-5)
@@ -169,7 +174,7 @@ def test_a_pack_of_different_prompts_equals_each_job_alone(packs, alone_runs, fo
 def test_clipping_and_schedules_are_per_job(packs, alone_runs):
     _, members, _ = packs["turns"]
     logged = [[r for r in m.rows if keys.TRAIN_GRAD_NORM in r] for m in members]
-    alone = [RunDir(d).read_history() for d, _ in alone_runs]
+    alone = [_evals(RunDir(d).read_history()) for d, _ in alone_runs]
     assert [len(rows) for rows in logged] == [4, 4]
     # the gradient norms (before clipping) lie between the two limits: job 1 is clipped, job 0 not
     assert all(0.001 < r[keys.TRAIN_GRAD_NORM] < 1000 for rows in logged for r in rows)
@@ -191,7 +196,7 @@ def test_concat_step_equals_each_prompt_alone(attention):
 
     from softprompt.models.fast_loss import prompt_tuning_loss
     from softprompt.models.loading import load_model
-    from softprompt.train import pack
+    from softprompt.train import pack, step
     from softprompt.train.batches import PaddingCollator
 
     configs = [compose(FAST + o + [f"model.attn_implementation={attention}"]) for o in JOBS]
@@ -199,8 +204,8 @@ def test_concat_step_equals_each_prompt_alone(attention):
     collate = PaddingCollator(loaded.tokenizer.pad_token_id)
     ids = loaded.tokenizer(["I want you to act as a poet", "Hello", "Write a story about a cat and a dog"])["input_ids"]
     batches = [collate([{"input_ids": ids[0]}, {"input_ids": ids[1]}]), collate([{"input_ids": ids[2]}])]
-    lanes = [pack._new_lane(c, loaded, None, [], 4) for c in configs]
-    together = pack.concat_losses(lanes, batches, loaded.model)
+    lanes = [pack.new_lane(c, loaded, None, [], 4) for c in configs]
+    together = step.concat_losses(lanes, batches, loaded.model, torch.device("cpu"))
     torch.stack(together).sum().backward()
     grads = [lane.trainable()[0].grad.clone() for lane in lanes]
     for lane, batch, loss, grad in zip(lanes, batches, together, grads):
@@ -216,13 +221,14 @@ def test_auto_times_both_ways_and_moves_nothing():
 
     from softprompt.models.loading import load_model
     from softprompt.train import pack
+    from softprompt.train.placement import Placement
 
     configs = [compose(FAST + o) for o in JOBS]
     loaded = load_model(configs[0].model)
     data = pack.load_data(configs[0], loaded)
-    lanes = [pack._new_lane(c, loaded, data, [pack.Member(0, c, Path("."), data, 4, 4)], 4) for c in configs]
+    lanes = [pack.new_lane(c, loaded, data, [pack.Member(0, c, Path("."), data, 4, 4)], 4) for c in configs]
     before = [[p.detach().clone() for p in lane.trainable()] for lane in lanes]
-    choice, seconds = pack._calibrate(lanes, loaded, "fp32", log=lambda line: None)
+    choice, seconds = pack._calibrate(lanes, loaded, Placement(torch.device("cpu")), "fp32", log=lambda line: None)
     assert choice == min(seconds, key=seconds.get) and set(seconds) == {"turns", "concat"}
     assert all(s > 0 for s in seconds.values())
     for lane, params in zip(lanes, before):
@@ -332,7 +338,6 @@ def test_sigkill_during_a_pack_then_resume_continues_every_job_exactly(tmp_path)
     from conftest import child_env
 
     from softprompt.train import checkpoints
-    from softprompt.train.pack import PACK_CHECKPOINTS
 
     # a constant trunk (2, 3 epochs) and a wsd job of another prompt length: 6 steps, checkpoints per
     # epoch; the kill comes after the epoch-2 checkpoint, which holds job 0 trained but not written
@@ -344,7 +349,7 @@ def test_sigkill_during_a_pack_then_resume_continues_every_job_exactly(tmp_path)
     ref_dirs, reference, _ = _packed(tmp_path / "ref", "ref", jobs)
 
     dirs = [tmp_path / "killed" / f"job-{i}" for i in range(len(jobs))]
-    root = RunDir(dirs[0]).checkpoints / PACK_CHECKPOINTS
+    root = RunDir(dirs[0]).checkpoints
     overrides = [FAST + j + ["training.pack_forward=turns"] for j in jobs]
     proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(overrides), json.dumps([str(d) for d in dirs])],
                             env=child_env({"SOFTPROMPT_TEST_STEP_DELAY": "1.5"}), stdout=subprocess.DEVNULL,
@@ -362,13 +367,16 @@ def test_sigkill_during_a_pack_then_resume_continues_every_job_exactly(tmp_path)
 
     _, resumed, _ = _packed(tmp_path, "", [j + ["training.resume=true"] for j in jobs], dirs=dirs)
     # job 0 is written from the checkpoint as it was trained before the kill; the others continued
-    assert [m.metrics[keys.TRAIN_RESUMED_FROM_STEP] for m in resumed] == [0, 4, 4]
+    assert [m.metrics[keys.TRAIN_RESUMED_FROM_STEP] for m in resumed] == [4, 4, 4]
     for out, mine, ref_dir, theirs in zip(dirs, resumed, ref_dirs, reference):
         assert mine.metrics[keys.EVAL_PERPLEXITY] == pytest.approx(theirs.metrics[keys.EVAL_PERPLEXITY], rel=1e-5)
         assert mine.metrics[keys.TRAIN_LOSS] == pytest.approx(theirs.metrics[keys.TRAIN_LOSS], rel=1e-5)
         torch.testing.assert_close(_prompt(out), _prompt(ref_dir), rtol=0, atol=1e-5)
-        assert [r[keys.EPOCH] for r in RunDir(out).read_history()] == [r[keys.EPOCH] for r in
-                                                                       RunDir(ref_dir).read_history()]
+        # every step and evaluation once: the checkpoint's rows, then the resumed attempt's
+        mine_rows, ref_rows = RunDir(out).read_history(), RunDir(ref_dir).read_history()
+        assert [sorted(r) for r in mine_rows] == [sorted(r) for r in ref_rows]
+        for row, ref_row in zip(mine_rows, ref_rows):
+            assert row == pytest.approx(ref_row, rel=1e-5)
 
 
 # --- wiring: scripts/sweep.py and the packed Hydra launcher ----------------------------------------------
@@ -415,3 +423,56 @@ def test_packed_hydra_launcher_gives_each_job_its_hydra_dir(tmp_path):
         run = RunDir(tmp_path / str(i))
         assert run.hydra_config.is_file() and run.read_metrics()[keys.TRAIN_STEPS] == steps
         assert run.read_config()["trunk"]["steps"] == [2, 4]
+
+
+def test_a_packed_multirun_stopped_by_sigterm_exits_143_and_the_rerun_equals_the_whole_pack(tmp_path):
+    """Preemption of a pack under hydra/launcher=packed: a checkpoint after the signal's step, the
+    single run's line and exit status (143), and a rerun of the same command that continues it."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, child_env
+
+    from softprompt.train.checkpoints import complete_checkpoints
+
+    # one trunk of 2 and 3 epochs (2 steps each): checkpoints at steps 2 and 4
+    command = ["-m", "hydra/launcher=packed", *FAST, "training.lr_scheduler=constant", "training.epochs=2,3",
+               "training.save_every_epoch=true", "training.pack_forward=turns"]
+    reference = run_cli([*command, f"hydra.sweep.dir={tmp_path / 'ref'}"])
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    sweep = tmp_path / "killed"
+    args = [sys.executable, str(ROOT / "train.py"), *command, f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(args, env=child_env({"SOFTPROMPT_TEST_STEP_DELAY": "1.0"}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not complete_checkpoints(RunDir(sweep / "0").checkpoints):  # step 2 done
+        assert proc.poll() is None, f"the pack ended before the signal: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "signal point not reached in time"
+        time.sleep(0.05)
+    time.sleep(0.5)  # into step 3: no checkpoint is due there
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    found = re.fullmatch(r"preempted by SIGTERM at step (\d+); checkpoint (\S+); rerun the same command to continue",
+                         stderr.strip().splitlines()[-1])
+    assert found, stderr[-2000:]
+    step = int(found.group(1))
+    assert step == 3, step  # the step the signal came in: the checkpoint is newer than the signal
+    assert Path(found.group(2)) == RunDir(sweep / "0").checkpoints / "checkpoint-3"
+    assert RunDir(sweep / "0").read_preempted() == "SIGTERM"
+    assert not any(RunDir(sweep / str(i)).finished for i in (0, 1))
+
+    rerun = run_cli([*command, f"hydra.sweep.dir={sweep}"])
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"resuming from {RunDir(sweep / '0').checkpoints / 'checkpoint-3'} (step 3)" in rerun.stdout
+    for i in (0, 1):
+        mine, ref = RunDir(sweep / str(i)).read_metrics(), RunDir(tmp_path / "ref" / str(i)).read_metrics()
+        assert mine[keys.TRAIN_RESUMED_FROM_STEP] == 3 and mine[keys.TRAIN_STEPS] == ref[keys.TRAIN_STEPS]
+        for key in (keys.EVAL_PERPLEXITY, keys.EVAL_LOSS, keys.TRAIN_LOSS):
+            assert mine[key] == pytest.approx(ref[key], rel=1e-6), (i, key)
+        assert RunDir(sweep / str(i)).read_generations() == RunDir(tmp_path / "ref" / str(i)).read_generations()
+    assert RunDir(sweep / "0").read_preempted() is None

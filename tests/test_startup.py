@@ -61,7 +61,7 @@ def test_run_records_where_its_wall_time_went(tiny_run):
 def test_process_start_is_exact_to_a_tick():
     """psutil's create_time() adds /proc/stat's whole-second boot time: up to 1 s off (0.75 s on
     the dev VM), which went straight into train/time_to_first_step_process_s."""
-    code = ("import time; from softprompt.train.trainer import process_start; "
+    code = ("import time; from softprompt.core.clock import process_start; "
             "print(time.time() - process_start())")
     start = time.time()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=child_env())

@@ -111,12 +111,13 @@ def test_log_model_false_logs_no_artifact(tmp_path):
 
 
 def test_failed_run_is_finished_with_exit_code_1(tmp_path, monkeypatch):
+    import softprompt.train.pack as pack
     import softprompt.train.run as run_module
 
     def boom(*args, **kwargs):
         raise RuntimeError("training broke")
 
-    monkeypatch.setattr(run_module, "_train_and_evaluate", boom)
+    monkeypatch.setattr(pack, "train_step", boom)
     with pytest.raises(RuntimeError, match="training broke"):
         run_module.run(compose(TINY), run_dir=tmp_path)
     r = read_run(tmp_path)

@@ -90,8 +90,10 @@ def test_a_run_from_a_prompt_starts_there_and_records_its_source(tiny_run, tmp_p
         seen.append(_prompt(model).clone())
         return model
 
-    real_wrap = run_module.wrap
-    monkeypatch.setattr(run_module, "wrap", wrap_and_look)
+    import softprompt.train.pack as pack
+
+    real_wrap = pack.wrap
+    monkeypatch.setattr(pack, "wrap", wrap_and_look)
     out = tmp_path / "transfer"
     metrics = run_module.run(compose(TINY + ["peft.init=from_run", f"peft.init_from={source_dir}",
                                              "training.max_steps=1", "eval.per_epoch=false"]), run_dir=out)

@@ -32,11 +32,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         try:
             metrics = run(cfg)
         except Preempted as exc:
-            # not an error: the run stopped with a checkpoint; 128 + signal is what a scheduler
-            # sees for a process the signal ended (and W&B counts as preempted, not failed)
-            where = f"; checkpoint {exc.checkpoint}" if exc.checkpoint else ""
-            print(f"{exc}{where}; rerun the same command to continue", file=sys.stderr, flush=True)
-            raise SystemExit(exc.exit_status) from None
+            _preempted_exit(exc)
     except UserError as exc:
         report_and_exit(str(exc))
     except Exception as exc:
@@ -46,6 +42,15 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         raise
     # returned so that Hydra sweepers that optimise a value (e.g. Optuna) can read it
     return metrics.get("eval/perplexity")
+
+
+def _preempted_exit(exc) -> None:
+    """Not an error: the run (or pack) stopped with a checkpoint; 128 + signal is what a scheduler
+    sees for a process the signal ended (and W&B counts as preempted, not failed). The same line
+    and status for a single run and for a pack under hydra/launcher=packed."""
+    where = f"; checkpoint {exc.checkpoint}" if exc.checkpoint else ""
+    print(f"{exc}{where}; rerun the same command to continue", file=sys.stderr, flush=True)
+    raise SystemExit(exc.exit_status) from None
 
 
 def _freeze_imported() -> None:
@@ -111,8 +116,12 @@ def _main() -> None:
     # them, so we can report them as user errors (exit 2) and keep tracebacks for real bugs.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     _check_arguments()
+    from softprompt.train.preemption import Preempted
+
     try:
         _hydra_main()
+    except Preempted as exc:  # a pack of a multirun launcher (hydra/launcher=packed) was preempted
+        _preempted_exit(exc)
     except Exception as exc:  # noqa: BLE001 - re-raised below unless the user can fix it
         if _null_section(exc):
             report_and_exit("an override sets a key inside a section the chosen presets leave null (e.g. model.tiny.* "

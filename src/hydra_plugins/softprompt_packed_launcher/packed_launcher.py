@@ -139,6 +139,10 @@ def _prepare_job_dir(sweep_config: DictConfig, task_config: DictConfig) -> Path:
         OmegaConf.select(sweep_config, "hydra.sweep.subdir"))
     with read_write(sweep_config.hydra.runtime), open_dict(sweep_config.hydra.runtime):
         sweep_config.hydra.runtime.output_dir = str(out.resolve())
+    from softprompt.core.distributed import is_main
+
+    if not is_main():  # under torchrun every rank plans the same packs; rank 0 writes the records
+        return out
     record = out / str(sweep_config.hydra.output_subdir)
     record.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(task_config, record / "config.yaml")

@@ -19,6 +19,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from softprompt.core.device import DEVICES
 from softprompt.core.errors import UserError
 
 # the Hydra config tree ships inside the package (conf/ at the top of a checkout links to it);
@@ -30,6 +31,7 @@ CONF_DIR = Path(str(resources.files("softprompt") / "conf"))
 PEFT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning", "lora")
 PEFT_INITS = ("random", "text", "sample_vocab", "from_run")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRECISIONS = ("auto", "fp32", "bf16")
 PACK_FORWARDS = ("auto", "concat", "turns")  # softprompt.train.pack
 MODEL_SOURCES = ("pretrained", "gguf_package", "tiny")
@@ -61,6 +63,8 @@ class ModelConfig:
     # null: the kernel measured fastest for the architecture (see softprompt.models.loading)
     attn_implementation: Optional[str] = MISSING
     tiny: Optional[TinyModelConfig] = MISSING  # the source=tiny presets set it; null otherwise
+    # the frozen base's weights (the prompt and its optimizer stay fp32): softprompt.core.precision
+    dtype: str = MISSING
 
 
 @dataclass
@@ -109,6 +113,7 @@ class TrainingConfig:
     weight_decay: float = MISSING
     max_grad_norm: float = MISSING
     logging_steps: int = MISSING
+    device: str = MISSING  # auto, cpu, cuda, mps: where the model, batches, evaluation and generation run
     precision: str = MISSING
     group_by_length: bool = MISSING
     torch_compile: bool = MISSING
@@ -233,6 +238,9 @@ def validate(cfg: DictConfig) -> None:
     _check(0 < t.decay_fraction <= 1, f"training.decay_fraction must be in (0, 1] (got {t.decay_fraction})")
     _check(t.weight_decay >= 0, f"training.weight_decay must be >= 0 (got {t.weight_decay})")
     _check(t.max_grad_norm > 0, f"training.max_grad_norm must be > 0 (got {t.max_grad_norm})")
+    _check(cfg.model.dtype in MODEL_DTYPES,
+           f"model.dtype={cfg.model.dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
+    _check(t.device in DEVICES, f"training.device={t.device!r} is not one of {', '.join(DEVICES)}")
     _check(t.precision in PRECISIONS, f"training.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
     _check(cfg.eval.precision in PRECISIONS,
            f"eval.precision={cfg.eval.precision!r} is not one of {', '.join(PRECISIONS)}")

@@ -1,11 +1,17 @@
-"""`precision=auto` (training, and the perplexity passes): bf16 autocast where the hardware has bf16
-matrix units, fp32 elsewhere."""
+"""`precision=auto` (training, and the perplexity passes): bf16 autocast where the device has bf16
+matrix units, fp32 elsewhere; and `model.dtype=auto`, the frozen base's weights.
+
+Both follow the device the model is on (softprompt.train.placement): a GPU's own bf16 support
+(native, not emulated: `torch.cuda.is_bf16_supported()` alone counts emulation), the CPU's flags.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cpu_has_bf16_matmul() -> bool:
@@ -20,14 +26,38 @@ def cpu_has_bf16_matmul() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_precision(precision: str) -> str:
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether `device` has bf16 matrix units (a GPU of compute capability 8 or newer; a CPU with
+    AMX or AVX512-BF16)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return cpu_has_bf16_matmul()
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
     if precision != "auto":
         return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16_matmul() else "fp32"
+    return "bf16" if native_bf16(device) else "fp32"
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The `torch.autocast` dtype of a precision setting (`auto` resolved here); None: fp32, no autocast."""
-    return torch.bfloat16 if resolve_precision(precision) == "bf16" else None
+def autocast_dtype(precision: str, device: torch.device | str = "cpu") -> torch.dtype | None:
+    """The `torch.autocast` dtype of a precision setting (`auto` resolved for `device`); None: fp32, no autocast."""
+    return torch.bfloat16 if resolve_precision(precision, device) == "bf16" else None
+
+
+def base_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """`model.dtype`: the frozen base's weights. `auto` is bf16 on a GPU with bf16 units and fp32
+    on a CPU (bf16 copies of the frozen weights measured no faster than fp32 weights under bf16
+    autocast on a Zen 4 with AVX512-BF16: docs/speed.md) and on other devices."""
+    if name != "auto":
+        return DTYPES[name]
+    device = torch.device(device)
+    return torch.bfloat16 if device.type == "cuda" and native_bf16(device) else torch.float32
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's weights are (the device autocast must follow)."""
+    return next(model.parameters()).device

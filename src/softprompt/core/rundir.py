@@ -10,10 +10,10 @@ Layout (SPEC.md, "What one run leaves"):
       wandb/               W&B's own run files (wandb.init(dir=RUN))
       adapter/             PeftModel.save_pretrained output + softprompt.json (our record)
       generations.jsonl    one object per eval prompt: prompt, base, tuned (, reference)
-      history.jsonl        one object per per-epoch evaluation
+      history.jsonl        one object per logged training step and per evaluation, in order
       prompt_tokens.jsonl  nearest vocabulary tokens per virtual token (prompt tuning, p-tuning)
       metrics.json         written LAST: its presence means the run finished
-      failed.json          a job of a pack that failed (its error); the pack's other jobs went on
+      failed.json          a job that failed (its error, its history); a pack's other jobs went on
       .hydra/, train.log   Hydra's (when run through Hydra)
 
 Nothing else in the code base spells these names: writers call the `write_*` methods, readers

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from softprompt.core import cache
 from softprompt.core.config import resolved
-from softprompt.core.precision import resolve_precision
+from softprompt.core.precision import model_device, resolve_precision
 from softprompt.evaluation.evaluate import EvalPrompt, ModelEval, evaluate
 from softprompt.evaluation.perplexity import PerplexityResult
 
@@ -62,7 +62,7 @@ def base_eval_key(cfg, loaded, validation_rows: list[list[int]], train_rows: lis
         "train_rows": train_rows,
         "prompts": prompt_texts,
         "eval": {k: cfg.eval[k] for k in ("max_new_tokens", "repetition_penalty", "batch_size")}
-        | {"precision": resolve_precision(cfg.eval.precision)},
+        | {"precision": resolve_precision(cfg.eval.precision, model_device(loaded.model))},
         "versions": [torch.__version__, transformers.__version__, peft.__version__],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig
 
 from softprompt.core import keys
-from softprompt.core.precision import autocast_dtype
+from softprompt.core.precision import autocast_dtype, model_device
 from softprompt.evaluation.gen_metrics import generation_metrics
 from softprompt.evaluation.perplexity import PerplexityResult, perplexity
 from softprompt.models.generation import GenerationSettings, generate
@@ -68,7 +68,7 @@ def evaluate(model, tokenizer, validation_rows: list[list[int]], prompts: list[E
     """
     start = time.perf_counter()
     batch = cfg.eval.batch_size * 2  # no activations kept for backward: twice the generation batch fits
-    dtype = autocast_dtype(cfg.eval.precision)
+    dtype = autocast_dtype(cfg.eval.precision, model_device(model))
     ppl = validation_result or perplexity(model, validation_rows, tokenizer.pad_token_id, batch, num_virtual_tokens,
                                           autocast_dtype=dtype, desc=f"held-out perplexity ({label})")
     train_ppl = None

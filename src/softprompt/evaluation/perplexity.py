@@ -29,12 +29,13 @@ class PerplexityResult:
 
 
 def pad_batch(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id lists into (input_ids, attention_mask)."""
+    """Right-pad id lists into (input_ids, attention_mask) on `device`: built on the host row by
+    row, then moved in one copy each."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long, device="cpu")
         mask[i, : len(r)] = 1
     return ids.to(device), mask.to(device)
 

@@ -7,8 +7,8 @@ Both paths train the same model on the same rows with the same batch size:
   batch to its longest row), PEFT's forward (logits on every position), fp32, 4 random virtual
   tokens, random order;
 - softprompt: `softprompt.data.loading.tokenize` (EOS, truncated to training.max_length) and the
-  training loop of `softprompt.train.trainer` (length-grouped batches, hidden-state loss,
-  precision) on a `softprompt.models.loading.load_model` model: exactly what `run.py` runs.
+  engine's step (`softprompt.train.step.train_step`: length-grouped batches, hidden-state loss,
+  precision) on a `softprompt.models.loading.load_model` model: what every run's lane takes.
 
 Throughput counts real tokens only (non-pad, non-virtual): the tokens each path actually trained
 on. Truncation changes the work, so the rows' token totals differ and both are reported.
@@ -61,14 +61,22 @@ class StepClock(TrainerCallback):
         self.marks.append((time.perf_counter(), self.tokens))
 
 
-def matmul_peak_flops(dtype: torch.dtype, size: int = 1536, seconds: float = 2.0) -> float:
-    """Best FLOP/s of a square matmul in `dtype`: the ceiling MFU is measured against."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def matmul_peak_flops(dtype: torch.dtype, size: int = 1536, seconds: float = 2.0,
+                      device: torch.device | str = "cpu") -> float:
+    """Best FLOP/s of a square matmul in `dtype` on `device`: the ceiling MFU is measured against
+    (a GPU gets a larger matrix and a sync around each product)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        size = max(size, 8192)
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b
+    sync()
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         a @ b
+        sync()
         best = max(best, 2 * size**3 / (time.perf_counter() - start))
     return best
 
@@ -99,7 +107,7 @@ def seed_recipe(cfg, texts: list[str], steps: int, warmup_steps: int, out_dir: P
         output_dir=str(out_dir), max_steps=warmup_steps + steps, per_device_train_batch_size=t.batch_size,
         learning_rate=t.learning_rate, lr_scheduler_type="linear", weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, save_strategy="no", report_to="none",
-        use_cpu=not torch.cuda.is_available(), seed=cfg.seed, dataloader_num_workers=0,
+        use_cpu=cfg.training.device == "cpu" or not torch.cuda.is_available(), seed=cfg.seed, dataloader_num_workers=0,
         remove_unused_columns=False, disable_tqdm=True)
     clock = StepClock(model)
     trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[clock],
@@ -111,26 +119,42 @@ def seed_recipe(cfg, texts: list[str], steps: int, warmup_steps: int, out_dir: P
 
 
 def softprompt_path(cfg, splits, steps: int, warmup_steps: int, precision: str):
+    """The engine's step (softprompt.train.step.train_step) on one lane, as a run of one job
+    takes it, timed step by step: no checkpoints, no evaluation in between."""
     from softprompt.data.loading import tokenize
     from softprompt.models.loading import load_model
-    from softprompt.models.methods import virtual_tokens_in_logits, wrap
-    from softprompt.train.trainer import LoopSettings, job_from_config, train
+    from softprompt.models.methods import virtual_tokens_in_logits
+    from softprompt.train.batches import PaddingCollator, epoch_batches, steps_per_epoch
+    from softprompt.train.pack import Data, new_lane
+    from softprompt.train.placement import Placement
+    from softprompt.train.step import train_step
 
     start = time.perf_counter()
-    loaded = load_model(cfg.model)
+    place = Placement.of(cfg)
+    loaded = load_model(cfg.model, place.device)
+    place.model(loaded.model)
     tokenizer_id = f"{cfg.model.source}:{loaded.tokenizer_path}"
     rows = tokenize(splits.train, loaded.tokenizer, cfg.training.max_length, tokenizer_id)
     val_rows = tokenize(splits.validation, loaded.tokenizer, cfg.training.max_length, tokenizer_id)
-    model = wrap(loaded.model, cfg.peft, loaded.tokenizer_path)
-    cfg.training.max_steps = warmup_steps + steps
-    job = job_from_config(cfg, model)
-    marks: list[tuple[float, int]] = []
-    # no checkpoints and no per-epoch evaluation: the clock times training steps only
-    train([job], rows, loaded.tokenizer.pad_token_id, LoopSettings.from_config(cfg, precision),
-          on_step=lambda step, tokens: marks.append((time.perf_counter(), tokens)))
+    total = warmup_steps + steps
+    lane = new_lane(cfg, loaded, Data(splits, rows, val_rows, [], [], None, False, 0.0), [], total)
+    t = cfg.training
+    collate, per_epoch = PaddingCollator(loaded.tokenizer.pad_token_id), steps_per_epoch(len(rows), t.batch_size)
+    lengths, marks, tokens = [len(r) for r in rows], [], 0
+    autocast = torch.bfloat16 if precision == "bf16" else None
+    order: list[list[int]] = []
+    for step in range(total):
+        epoch, batch = divmod(step, per_epoch)
+        if batch == 0:
+            order = epoch_batches(lengths, t.batch_size, cfg.seed, epoch, t.group_by_length)
+        result = train_step([lane], [collate([{"input_ids": rows[k]} for k in order[batch]])], loaded.model, step,
+                            forward="turns", device=place.device, autocast=autocast)
+        tokens += result.tokens[0]
+        marks.append((time.perf_counter(), tokens))
     result = _timed(marks, warmup_steps, start)
     result["rows_tokens_total"] = sum(len(r) for r in rows)
-    result["fast_loss"] = job.fast_loss
+    result["fast_loss"] = lane.fast_loss
+    model = lane.model
     # the A/B check that a speed change does not cost quality: held-out perplexity after these steps
     from softprompt.evaluation.perplexity import perplexity
 
@@ -164,9 +188,10 @@ def _plain_eval(model, rows: list[list[int]], pad_id: int, batch_size: int) -> i
 
     model.eval()
     tokens = 0
+    device = next(model.parameters()).device
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            ids, mask = pad_batch(rows[start : start + batch_size], pad_id, "cpu")
+            ids, mask = pad_batch(rows[start : start + batch_size], pad_id, device)
             model(input_ids=ids, attention_mask=mask)  # logits for every position, as a plain forward does
             tokens += int(mask[:, 1:].sum())  # the positions perplexity() scores
     return tokens
@@ -180,7 +205,7 @@ def _plain_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
         with torch.no_grad():
             for start in range(0, len(prompts), batch_size):
                 enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
-                                add_special_tokens=False)
+                                add_special_tokens=False).to(next(model.parameters()).device)
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                                      top_p=None, top_k=None, repetition_penalty=1.5, use_cache=True,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -279,6 +304,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="training.device of both paths (auto: the GPU where there is one)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores)")
     p.add_argument("--gen-tokens", type=int, default=32, help="max new tokens per prompt in the generation timing")
     p.add_argument("--skip-seed", action="store_true", help="time softprompt's path only (per-change gains)")
@@ -415,12 +442,15 @@ def measure(argv=None) -> dict:
     overrides = [f"model={args.model}", *data, f"dataset.max_samples={args.max_samples or 'null'}",
                  f"training.batch_size={args.batch_size}", f"training.precision={args.precision}",
                  "peft.num_virtual_tokens=4", "peft.init=random", f"eval.max_new_tokens={args.gen_tokens}",
-                 "wandb.mode=disabled"]
+                 f"training.device={args.device}", "wandb.mode=disabled"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         base_cfg = compose(config_name="config", overrides=overrides)
         ours_cfg = compose(config_name="config", overrides=overrides + list(args.set))
     validate(ours_cfg)
-    precision = resolve_precision(ours_cfg.training.precision)
+    from softprompt.core.device import resolve_device
+
+    device = resolve_device(args.device)
+    precision = resolve_precision(ours_cfg.training.precision, device)
     splits = load_splits(base_cfg.dataset, base_cfg.seed)
     steps = args.steps or math.ceil(len(splits.train) / args.batch_size)
     # the file's name and the rows' fingerprint name the data; the path is only this machine's
@@ -428,10 +458,11 @@ def measure(argv=None) -> dict:
     result: dict = {"model": args.model, "data": data_name, "data_fingerprint": splits.fingerprint(),
                     "train_rows": len(splits.train),
                     "batch_size": args.batch_size, "timed_steps": steps, "warmup_steps": args.warmup_steps,
-                    "precision": precision, "threads": threads, "overrides": list(args.set)}
+                    "precision": precision, "threads": threads, "overrides": list(args.set), "device": str(device),
+                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()}
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     # measured before and after training, the larger kept: one reading can be disturbed by load
-    peak_before = matmul_peak_flops(dtype)
+    peak_before = matmul_peak_flops(dtype, device=device)
     with tempfile.TemporaryDirectory(prefix="softprompt-bench-") as tmp:
         if not args.skip_seed:
             set_seed(base_cfg.seed)
@@ -445,21 +476,23 @@ def measure(argv=None) -> dict:
                 vcfg = compose(config_name="config", overrides=overrides + list(args.set) + sets.split(","))
             set_seed(vcfg.seed)
             vres = softprompt_path(vcfg, splits, steps, args.warmup_steps,
-                                   resolve_precision(vcfg.training.precision))[0]
+                                   resolve_precision(vcfg.training.precision, device))[0]
             result.setdefault("variants", {})[name] = vres | {
                 "overrides": sets.split(","), "speedup_of_default": ours["tokens_per_s"] / vres["tokens_per_s"]}
     result["softprompt"] = ours
     if "seed_recipe" in result:
         result["ratio"] = ours["tokens_per_s"] / result["seed_recipe"]["tokens_per_s"]
-    result["matmul_peak_flops"] = max(peak_before, matmul_peak_flops(dtype))
+    result["matmul_peak_flops"] = max(peak_before, matmul_peak_flops(dtype, device=device))
     n = matmul_params(loaded.model)
     result["flops_per_token"] = 4 * n
     result["flops_formula"] = FLOPS_FORMULA
     result["mfu"] = ours["tokens_per_s"] * 4 * n / result["matmul_peak_flops"]
     if not args.skip_eval:
         result |= eval_and_generation(ours_cfg, loaded, model, val_rows, n_virtual, splits,
-                                      autocast_dtype(ours_cfg.eval.precision), ours["heldout_perplexity_after"])
+                                      autocast_dtype(ours_cfg.eval.precision, device), ours["heldout_perplexity_after"])
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        result["peak_cuda_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     import peft
     import transformers
 

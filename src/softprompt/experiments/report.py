@@ -270,8 +270,8 @@ def _train_loss(rows: list[dict[str, Any]]) -> list[tuple[int, float]]:
 
 
 def _wandb_train_loss(run: RunDir) -> list[tuple[int, float]]:
-    """The per-step training loss the run logged to W&B (run.py's history.jsonl holds only the
-    per-epoch evaluations): read from the run's own `.wandb` file(s), offline, no service needed."""
+    """The per-step training loss the run logged to W&B, for runs written before history.jsonl held
+    every logged step: read from the run's own `.wandb` file(s), offline, no service needed."""
     if not run.wandb.is_dir():
         return []
     from softprompt.track.records import RecordFileError, find_run_files, read_run

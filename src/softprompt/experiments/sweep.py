@@ -406,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     finished = sum(j.state == "finished" for j in jobs)
     print(f"sweep {sweep.name}: {finished}/{len(jobs)} jobs finished in {sweep_dir}; "
           f"compare them with: python scripts/report.py {sweep_dir}", flush=True)
-    if jobs and not finished:
-        report_and_exit(f"every job of sweep {sweep.name} failed (see {sweep_dir / SWEEP_STATE})")
+    failed = [j for j in jobs if j.state == "failed"]
+    if failed:  # the others are kept; the exit status says that not every point has a result
+        report_and_exit(f"{len(failed)} of {len(jobs)} jobs of sweep {sweep.name} failed (jobs "
+                        f"{', '.join(str(j.index) for j in failed)}: {failed[0].error}; see {sweep_dir / SWEEP_STATE})")
     return 0
 

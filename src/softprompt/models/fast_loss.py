@@ -31,9 +31,20 @@ def _nll_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
 
 
+def labelled_positions(labels: torch.Tensor, n_virtual: int) -> torch.Tensor:
+    """The flat indexes, into `[batch, n_virtual + T - 1]`, of the positions whose next token is
+    labelled. Computed from the host's labels before the batch moves to the device, so that the
+    loss needs no boolean-mask indexing (a device-to-host sync) on the device."""
+    targets = torch.cat([labels.new_full((labels.shape[0], n_virtual), -100), labels], dim=1)[:, 1:]
+    return (targets != -100).reshape(-1).nonzero().squeeze(1)
+
+
 def prompt_tuning_loss(peft_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                       num_items: int | torch.Tensor | None = None, chunk_rows: int | None = None) -> torch.Tensor:
-    """Mean next-token NLL over the labelled text tokens (or sum / `num_items` when given)."""
+                       num_items: int | torch.Tensor | None = None, chunk_rows: int | None = None,
+                       positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token NLL over the labelled text tokens (or sum / `num_items` when given).
+    `positions`: `labelled_positions(labels, num_virtual_tokens)` on the model's device (the
+    training step passes them; without them the labels' mask is read on the device)."""
     base = peft_model.get_base_model()
     decoder = base.base_model  # LlamaModel / BloomModel: the layers without the lm_head
     lm_head = base.get_output_embeddings()
@@ -46,8 +57,10 @@ def prompt_tuning_loss(peft_model, input_ids: torch.Tensor, attention_mask: torc
                      use_cache=False).last_hidden_state
     # position p predicts token p+1; the last virtual position predicts the first text token
     targets = torch.cat([labels.new_full((batch, n_virtual), -100), labels], dim=1)[:, 1:]
-    keep = targets != -100
-    hidden, targets = hidden[:, :-1][keep], targets[keep]
+    if positions is None:
+        positions = labelled_positions(labels, n_virtual).to(labels.device)
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    targets = targets.reshape(-1).index_select(0, positions)
     if chunk_rows and hidden.shape[0] > chunk_rows:
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_rows):

@@ -39,17 +39,23 @@ class LoadedModel:
     load_seconds: float
 
 
-def load_model(cfg: DictConfig) -> LoadedModel:
+def load_model(cfg: DictConfig, device: torch.device | str = "cpu") -> LoadedModel:
+    """The frozen base in `model.dtype` (`auto` resolved for `device`: softprompt.core.precision),
+    and its tokenizer. The caller places it on `device` (softprompt.train.placement)."""
+    from softprompt.core.precision import base_dtype
+
     start = time.perf_counter()
+    dtype = base_dtype(cfg.get("dtype") or "auto", device)
     if cfg.source == "tiny":
         model, tokenizer, path = _build_tiny(cfg)
+        model.to(dtype)  # built (and cached) in fp32: the same weights whatever the dtype asked
     elif cfg.source == "gguf_package":
         path = str(converted_gguf_dir(cfg.name_or_path, cfg.gguf_file))
         # just verified: hashing its 0.5 GB again would add ~0.4 s to every start
-        model, tokenizer = _from_pretrained(path, cfg, local_only=True, verified=True)
+        model, tokenizer = _from_pretrained(path, cfg, local_only=True, verified=True, dtype=dtype)
     else:
         path = cfg.name_or_path
-        model, tokenizer = _from_pretrained(path, cfg, local_only=False)
+        model, tokenizer = _from_pretrained(path, cfg, local_only=False, dtype=dtype)
     _prepare_tokenizer(tokenizer)
     model.requires_grad_(False)
     model.eval()
@@ -69,7 +75,8 @@ def _attn_kwargs(cfg: DictConfig, model_type: str | None) -> dict:
     return {"attn_implementation": impl} if impl else {}
 
 
-def _from_pretrained(path: str, cfg: DictConfig, local_only: bool, verified: bool = False):
+def _from_pretrained(path: str, cfg: DictConfig, local_only: bool, verified: bool = False,
+                     dtype: torch.dtype = torch.float32):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     local = Path(path).expanduser()
@@ -101,7 +108,7 @@ def _from_pretrained(path: str, cfg: DictConfig, local_only: bool, verified: boo
         config = AutoConfig.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=torch.float32, **_attn_kwargs(cfg, config.model_type), **kwargs
+            path, config=config, dtype=dtype, **_attn_kwargs(cfg, config.model_type), **kwargs
         )
     except OSError as exc:
         if local_only and not looks_local:

@@ -66,10 +66,10 @@ class AdapterPool:
     them in the dropdown loads nothing; adapters on other bases load on first use, and beyond
     `keep` base models the least recently used one is dropped."""
 
-    def __init__(self, adapters: dict[str, AdapterInfo], base: str | None, keep: int = 2):
+    def __init__(self, adapters: dict[str, AdapterInfo], base: str | None, keep: int = 2, device: str = "auto"):
         from softprompt.serve.inference import base_key
 
-        self.adapters, self.base, self.keep = adapters, base, keep
+        self.adapters, self.base, self.keep, self.device = adapters, base, keep, device
         self.groups: dict[tuple, list[str]] = {}
         for key, info in adapters.items():
             self.groups.setdefault(base_key(info, base), []).append(key)
@@ -87,8 +87,8 @@ class AdapterPool:
             if group not in self._loaded:
                 members = self.groups[group]
                 self._loaded[group] = (
-                    {key: load(self.adapters[key], base=self.base)} if len(members) == 1
-                    else load_shared({k: self.adapters[k] for k in members}, base=self.base))
+                    {key: load(self.adapters[key], base=self.base, device=self.device)} if len(members) == 1
+                    else load_shared({k: self.adapters[k] for k in members}, base=self.base, device=self.device))
                 while len(self._loaded) > self.keep:
                     self._loaded.popitem(last=False)
             self._loaded.move_to_end(group)
@@ -119,13 +119,13 @@ def make_generate(pool: AdapterPool):
 
 
 def build(adapters: dict[str, AdapterInfo], base: str | None = None, prompt: str | None = None,
-          prerun: bool = False):
+          prerun: bool = False, device: str = "auto"):
     """The Gradio Blocks app. `prompt` pre-fills the prompt box (default: the run's first eval
     prompt); with `prerun` the page opens with it already answered (generated once at start-up;
     handy for screenshots and for sharing a finding)."""
     import gradio as gr
 
-    pool = AdapterPool(adapters, base)
+    pool = AdapterPool(adapters, base, device=device)
     generate = make_generate(pool)
     first = next(iter(adapters))
     info = adapters[first]
@@ -176,6 +176,8 @@ def parser() -> argparse.ArgumentParser:
                                    "default: GRADIO_SERVER_NAME, else 127.0.0.1")
     p.add_argument("--port", type=int, help="default: GRADIO_SERVER_PORT, else 7860")
     p.add_argument("--prompt", help="pre-fill this prompt and open the page with its answers")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="where the models generate (auto: the GPU where there is one)")
     return p
 
 
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         host, port = server_address(args.host, args.port)
         adapters = discover(args.path)  # before gradio and torch load: a wrong path fails at once
-        demo = build(adapters, base=args.base, prompt=args.prompt, prerun=bool(args.prompt))
+        demo = build(adapters, base=args.base, prompt=args.prompt, prerun=bool(args.prompt), device=args.device)
     except UserError as exc:
         report_and_exit(str(exc))
     print(f"serving {len(adapters)} adapter(s) from {args.path} on http://{host}:{port}", flush=True)

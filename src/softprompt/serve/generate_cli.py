@@ -44,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="nucleus sampling (implies sampling; temperature 1 if not given)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="where the model generates (auto: the GPU where there is one)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt: prompt, base, tuned (with several adapters: {name: text})")
     return p
 
@@ -175,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         from softprompt.serve.inference import load, load_shared
 
         if len(adapters) == 1:
-            loaded = load(info, base=args.base, batch_size=args.batch_size)
+            loaded = load(info, base=args.base, batch_size=args.batch_size, device=args.device)
             rows = loaded.compare(prompts, settings)
         else:
-            shared = load_shared(adapters, base=args.base, batch_size=args.batch_size)
+            shared = load_shared(adapters, base=args.base, batch_size=args.batch_size, device=args.device)
             loaded = next(iter(shared.values()))
             base = loaded.generate_base(prompts, settings)
             tuned = {name: one.generate_tuned(prompts, settings) for name, one in shared.items()}

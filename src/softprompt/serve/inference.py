@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
+from softprompt.core.device import resolve_device
 from softprompt.core.errors import UserError
 from softprompt.models.generation import GenerationSettings, generate
 from softprompt.models.loading import load_model
@@ -45,11 +46,13 @@ class LoadedAdapter:
         return [{"prompt": p, "base": b, "tuned": t} for p, b, t in zip(prompts, base, tuned)]
 
 
-def load(adapter: str | Path | AdapterInfo, base: str | None = None, batch_size: int = 8) -> LoadedAdapter:
-    """Load `adapter` (a run dir or its adapter/ folder) on its recorded base model, or on `base`."""
+def load(adapter: str | Path | AdapterInfo, base: str | None = None, batch_size: int = 8,
+         device: str = "auto") -> LoadedAdapter:
+    """Load `adapter` (a run dir or its adapter/ folder) on its recorded base model, or on `base`,
+    on `device` (auto: the GPU where there is one: softprompt.core.device)."""
     info = adapter if isinstance(adapter, AdapterInfo) else resolve(adapter)
     method = _method(info)
-    model, tokenizer, base_path = _load_base(info, base)
+    model, tokenizer, base_path = _load_base(info, base, device)
     _check_width(info, model, base_path)
     from peft import PeftModel
 
@@ -90,7 +93,7 @@ def base_key(info: AdapterInfo, base: str | None = None) -> tuple[str, str, str]
 
 
 def load_shared(adapters: dict[str, AdapterInfo], base: str | None = None,
-                batch_size: int = 8) -> dict[str, LoadedAdapter]:
+                batch_size: int = 8, device: str = "auto") -> dict[str, LoadedAdapter]:
     """Several adapters on ONE base model, loaded once (`multi_adapter.load_adapters`): returns
     {name: LoadedAdapter}, each generating with its own adapter. They share a lock, since
     switching the active adapter and generating must not interleave between demo requests."""
@@ -107,7 +110,7 @@ def load_shared(adapters: dict[str, AdapterInfo], base: str | None = None,
     first = next(iter(adapters.values()))
     for info in adapters.values():
         _method(info)
-    model, tokenizer, base_path = _load_base(first, base)
+    model, tokenizer, base_path = _load_base(first, base, device)
     for info in adapters.values():
         _check_width(info, model, base_path)
     # PEFT adapter names become module keys: no dots; the user-facing names stay as given
@@ -145,13 +148,15 @@ def _method(info: AdapterInfo) -> Method:
     return by_peft_type(info.peft_type, where=f"the adapter in {info.adapter_dir}")
 
 
-def _load_base(info: AdapterInfo, base: str | None):
-    """(model, tokenizer, what it was loaded from) for `info`, or for `base` when given."""
+def _load_base(info: AdapterInfo, base: str | None, device: str = "auto"):
+    """(model, tokenizer, what it was loaded from) for `info`, or for `base` when given, on `device`."""
     spec = info.base_model_config(base)
     if spec is None:
         raise UserError(f"the adapter in {info.adapter_dir} does not record its base model; pass --base MODEL")
+    where = resolve_device(device)
     try:
-        loaded = load_model(OmegaConf.create(spec))
+        loaded = load_model(OmegaConf.create(spec), where)
+        loaded.model.to(where)  # PeftModel.from_pretrained puts the adapter beside it
     except UserError as exc:
         hint = "" if base else "; pass the base model with --base MODEL"
         raise UserError(f"cannot load the base model of {info.adapter_dir}: {exc}{hint}") from exc

@@ -19,6 +19,8 @@ class PaddingCollator:
 
     Labels are masked by attention, not by id: EOS doubles as pad for many models, and masking
     by id (as `DataCollatorForLanguageModeling` does) would drop the EOS label appended to every text.
+    `labelled` holds the (row, column) of every label, found here on the host, so that the
+    training step's loss picks its positions on the device without reading a mask back.
     """
 
     pad_id: int
@@ -34,7 +36,8 @@ class PaddingCollator:
             n = len(f["input_ids"])
             ids[i, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
             mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100),
+                "labelled": mask.nonzero()}
 
 
 def steps_per_epoch(num_rows: int, batch_size: int, world_size: int = 1) -> int:

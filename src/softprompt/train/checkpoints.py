@@ -1,14 +1,16 @@
-"""Atomic, resumable checkpoints of the training loop (softprompt.train.trainer).
+"""Atomic, resumable checkpoints of the training engine (softprompt.train.pack).
 
 A checkpoint is written into a staging directory, fsynced, given a `COMPLETE` marker and then
 renamed into place, so a `checkpoint-N/` either does not exist or is complete: a kill during a
 save leaves a `.staging-*` directory that the next attempt removes, never a half checkpoint.
 The last `KEEP_LAST` are kept. What one holds is everything the loop needs to continue exactly:
 
-- `trainer_state.json`: the step, where in which epoch, and per job its loss sum and eval history;
-- `prompts.pt`: each job's trainable parameters (by name);
-- `optimizer.pt`: each job's optimizer state (AdamW moments);
-- `rng_state.pt`: the Python, NumPy and torch RNG states (rank 0's: a DDP resume reseeds the others).
+- `trainer_state.json`: the step, and per lane and per job what the engine needs (format
+  `softprompt-pack/1`: softprompt.train.pack writes and reads it);
+- `prompts.pt`: each lane's (and each trained-but-unwritten job's) trainable parameters (by name);
+- `optimizer.pt`: each lane's optimizer state (AdamW moments);
+- `rng_state.pt`: the Python, NumPy and torch RNG states, and the current CUDA device's (rank 0's:
+  a DDP resume reseeds the others; one device's state, so a resume on another device count works).
 
 The learning rate needs nothing: a schedule is a function of the step (softprompt.train.schedules),
 and the order of the batches is a function of (seed, epoch) (softprompt.train.batches).
@@ -119,13 +121,15 @@ def _size_of(checkpoint: Checkpoint) -> int:
     return total
 
 
-def load(checkpoint: Path) -> Checkpoint:
-    """Read a committed checkpoint and restore the RNG states it holds."""
+def load(checkpoint: Path, map_location: torch.device | str | None = "cpu") -> Checkpoint:
+    """Read a committed checkpoint onto `map_location` (the engine's device, whatever device saved
+    it) and restore the RNG states it holds."""
     # weights_only: a checkpoint is data, never code to run (tensors, numbers, strings only)
-    _set_rng_states(torch.load(checkpoint / RNG_FILE, weights_only=True))
+    _set_rng_states(torch.load(checkpoint / RNG_FILE, weights_only=True, map_location="cpu"))
     return Checkpoint(state=read_state(checkpoint),
-                      prompts=torch.load(checkpoint / PROMPTS_FILE, weights_only=True),
-                      optimizers=torch.load(checkpoint / OPTIMIZER_FILE, weights_only=True))
+                      prompts=torch.load(checkpoint / PROMPTS_FILE, weights_only=True, map_location=map_location),
+                      optimizers=torch.load(checkpoint / OPTIMIZER_FILE, weights_only=True,
+                                            map_location=map_location))
 
 
 def _rng_states() -> dict[str, Any]:
@@ -133,7 +137,7 @@ def _rng_states() -> dict[str, Any]:
     states = {"python": random.getstate(), "torch": torch.get_rng_state(),
               "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state()  # this process's device only
     return states
 
 
@@ -144,7 +148,7 @@ def _set_rng_states(states: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def _fsync_tree(root: Path) -> None:

@@ -1,13 +1,13 @@
-"""The end of a run: evaluate the tuned prompt, write the run directory, finish its W&B run.
+"""The end of a job: evaluate the tuned prompt, write the run directory, finish its W&B run.
 
-Used by the pack engine (softprompt.train.pack) for each of its jobs, so that a packed job leaves
-exactly what a standalone run leaves: adapter/, generations.jsonl, history.jsonl,
-prompt_tokens.jsonl, the W&B run with its curves, tables and adapter artifact, and metrics.json
-last (its presence means the run finished).
+The engine (softprompt.train.pack) writes every job with `write_run`, a single run's and a
+packed job's alike: adapter/, generations.jsonl, history.jsonl, prompt_tokens.jsonl, the W&B run's
+tables, summary and adapter artifact, and metrics.json last (its presence means the job finished).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +30,22 @@ from softprompt.models.transfer import prompt_source
 from softprompt.track.wandb_run import Tracker
 
 
-def write_run(cfg: DictConfig, out: Path, loaded, model, data, config: dict[str, Any], name: str,
-              wandb_mode: str, *, history: list[dict[str, Any]], rows: list[dict[str, Any]],
-              last_eval: PerplexityResult | None, initial_prompt, tokens_seen: int,
-              train: dict[str, Any], generations: list[str] | None = None,
+def write_run(cfg: DictConfig, out: Path, loaded, model, data, name: str, tracker: Tracker | None, *,
+              history: list[dict[str, Any]], last_eval: PerplexityResult | None, initial_prompt, tokens_seen: int,
+              train: dict[str, Any], clock, generations: list[str] | None = None,
               generation_s: float = 0.0) -> dict[str, Any]:
-    """`model`: the PEFT model with the job's final prompt; `data`: its softprompt.train.pack.Data;
-    `rows`: what its W&B run logs before the summary (curves, in order); `tokens_seen`: the real
-    tokens its prompt was trained on (its trunk's included); `train`: its other `train/*` metrics.
+    """The one writer of a job's outputs. `model`: the PEFT model with the job's final prompt;
+    `data`: its softprompt.train.pack.Data; `tracker`: its W&B run, open since the pack started
+    (its curves are there already), finished here; `history`: every row it logged, in order;
+    `tokens_seen`: the real tokens its prompt was trained on (its trunk's included); `train`: its
+    other `train/*` metrics; `clock`: the pack's softprompt.train.pack.Clock (the `time/*` keys).
     `generations`: the tuned model's continuations of `data.prompts` when they were already
     generated (in one batch with other jobs'), and `generation_s` this job's share of that time;
     None: generated here. Returns metrics.json's content."""
+    tracker = tracker or Tracker(None)
     tokenizer = loaded.tokenizer
     base = data.base
+    t0 = time.perf_counter()
     how = {"generations": generations} if generations is not None else tuned_generation(model)
     tuned = evaluate(model, tokenizer, data.val_rows, data.prompts, cfg, num_virtual_tokens=virtual_tokens_in_logits(model),
                      label="tuned", train_rows=data.train_ppl_rows, validation_result=last_eval, **how)
@@ -57,12 +60,11 @@ def write_run(cfg: DictConfig, out: Path, loaded, model, data, config: dict[str,
         keys.PEFT_NUM_VIRTUAL_TOKENS: cfg.peft.num_virtual_tokens,
     } | comparison_metrics(base, tuned, data.prompts)
     generations = generation_rows(data.prompts, base, tuned)
-
-    tracker = Tracker.start(cfg, out, config, name, mode=wandb_mode)
+    tuned_eval_s = time.perf_counter() - t0 + generation_s
     try:
-        for row in rows:
-            tracker.log(row)
+        t0 = time.perf_counter()
         rundir = save_outputs(RunDir(out), cfg, loaded, model, tracker, metrics, generations, history, initial_prompt)
+        metrics |= clock.job_times(tuned_eval_s, time.perf_counter() - t0)
         tracker.set_summary(metrics)
         rundir.finish(metrics)
     except BaseException:

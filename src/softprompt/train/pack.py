@@ -1,19 +1,26 @@
-"""Training a pack: several grid points in one process, on one frozen base model.
+"""The training engine: every run trains here, a single run as a pack of one job.
 
-`run_pack(configs, run_dirs, trunks)` is `run(cfg)` for a set of jobs that
-softprompt.train.planner grouped. What the jobs share is paid once: start-up, loading the model,
-tokenising each distinct data split, the base model's evaluation. What is each job's own stays its
-own: prompt parameters, AdamW state, learning-rate schedule, gradient clipping, loss normalisation
-(a mean over its own batch's tokens) and data order (drawn from its own seed, as a standalone run
-draws it: softprompt.train.batches).
+`run_pack(configs, run_dirs, trunks)` trains a set of jobs that softprompt.train.planner grouped
+(`train.py` hands it one job; `scripts/sweep.py`, `hydra/launcher=packed` and Hydra's basic
+launcher hand it their packs) and writes each job's run directory. What the jobs share is paid
+once: start-up, loading the model, tokenising each distinct data split, the base model's
+evaluation. What is each job's own stays its own: prompt parameters, AdamW state, learning-rate
+schedule, gradient clipping, loss normalisation (a mean over its own batch's tokens) and data
+order (drawn from its own seed: softprompt.train.batches).
 
 Trunks. Jobs that differ only in their length train as one *lane* (a prompt and its optimizer)
 until they part:
 - `constant`: a job's state after its last step is the trunk's state at that step: it is evaluated
   and written as its own run there, and the trunk goes on;
 - `wsd`: a job leaves the trunk where its own decay starts, as a *branch*: a copy of the trunk's
-  prompt and optimizer state that runs the decay steps on the same batches as the standalone run.
-Both are exact: the standalone run computes the same numbers in the same order.
+  prompt and optimizer state that runs the decay steps on the same batches as the job alone.
+Both are exact: the job alone computes the same numbers in the same order.
+
+One step function (softprompt.train.step.train_step), one checkpoint format (`_save`/`_restore`,
+format `softprompt-pack/1` in the first job's `checkpoints/`), one writer of a job's outputs
+(softprompt.train.outputs.write_run), one failure policy: a job whose loss becomes NaN/inf is
+marked failed (`failed.json`, its W&B run finished with exit code 1) with the others of its lane,
+and the rest of the pack goes on.
 
 Forward (`training.pack_forward`): `turns` steps the lanes one after another (one forward and
 backward each); `concat` puts the rows of all lanes into one forward and backward through the base,
@@ -21,12 +28,15 @@ each row with its own lane's prompt, right-padded (the sum of the lanes' losses 
 prompt, exactly its own lane's gradient); `auto` times both on the first batches and keeps the
 faster. The choice is recorded in each job's config.json (`pack.forward`) and metrics.
 
-Every job leaves what a standalone run leaves (adapter/, metrics.json last, generations.jsonl,
+Every job leaves the same files and metrics keys (adapter/, metrics.json last, generations.jsonl,
 history.jsonl, prompt_tokens.jsonl, config.json with `pack` and `trunk` provenance) and one W&B
-run. Its curves are kept in memory and its W&B run is opened when it is written (one run open at a
-time), so a W&B run holds the same keys and values as its standalone run's. A job whose loss
-becomes NaN/inf is marked failed (`failed.json`, a W&B run finished with exit code 1) with the
-others of its lane; the rest of the pack goes on.
+run, open from the pack's start so that its curves arrive while it trains (W&B's
+`reinit="create_new"`: one run object per job, several open at once).
+
+Several processes (`torchrun`, `accelerate launch`): every rank trains its shard of each lane's
+batch, the prompts' gradients are averaged over the ranks (softprompt.train.step), and rank 0
+alone evaluates, logs, checkpoints and writes. SIGTERM/SIGUSR1/SIGUSR2 stop the pack after the
+step with a checkpoint (softprompt.train.preemption); a rerun of the same command continues it.
 
 Writes are batched. A job whose training ends is *trained*: a copy of its prompt parameters and
 what its lane says about it then (last evaluation, loss sum, tokens, times) wait for a *flush*. A
@@ -36,7 +46,7 @@ for 6 rows or 36), then writes each job with its own prompt put back into its la
 jobs flush when their prompts fill a decode batch (`FLUSH_BATCH_ROWS`: waiting longer would save
 nothing) and at the pack's end; a pack checkpoint holds the jobs still waiting (their prompts and
 what their lane said), so a resume writes them without training them again. Other methods generate
-inside their own write, as a standalone run does, and are written as soon as they are trained.
+inside their own write, as a job alone does, and are written as soon as they are trained.
 """
 
 from __future__ import annotations
@@ -50,13 +60,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from transformers import set_seed
 
 from softprompt.core import keys
+from softprompt.core.clock import process_start
 from softprompt.core.config import resolved
-from softprompt.core.errors import UserError
 from softprompt.core.progress import progress
 from softprompt.core.provenance import provenance
 from softprompt.core.rundir import RunDir
@@ -69,7 +78,7 @@ from softprompt.evaluation.evaluate import (
 )
 from softprompt.evaluation.perplexity import PerplexityResult, perplexity
 from softprompt.models import generation
-from softprompt.models.fast_loss import prompt_tuning_loss, supports_fast_loss
+from softprompt.models.fast_loss import supports_fast_loss
 from softprompt.models.loading import load_model
 from softprompt.models.methods import get as get_method
 from softprompt.models.methods import (
@@ -78,12 +87,13 @@ from softprompt.models.methods import (
     wrap,
 )
 from softprompt.models.transfer import prompt_source
-from softprompt.track.wandb_run import resolve_mode, run_name
-from softprompt.train import checkpoints
+from softprompt.core.precision import autocast_dtype, model_device, resolve_precision
+from softprompt.track.wandb_run import Tracker, resolve_mode, run_name
+from softprompt.train import checkpoints, preemption, resume
 from softprompt.train.batches import PaddingCollator, epoch_batches, steps_per_epoch
-from softprompt.core.precision import autocast_dtype, resolve_precision
+from softprompt.train.placement import Placement
 from softprompt.train.schedules import Schedule
-from softprompt.train.trainer import process_start
+from softprompt.train.step import _forward_backward, log_row, train_step
 
 CALIBRATION_ROUNDS = 1  # timed rounds per way, after one untimed round each (first-call costs)
 # auto: below this many steps in a pack's longest lane, timing both ways (4 steps' worth) would cost
@@ -93,7 +103,6 @@ CALIBRATION_MIN_STEPS = 20
 # backward over all lanes' rows keeps all their activations at once (measured: 15 lanes x 8 rows of
 # SmolLM2, <= 128 tokens each, reached 16-19 GB of RSS in the calibration step)
 CALIBRATION_MAX_ROWS = 32
-PACK_CHECKPOINTS = "pack"  # under the first job's checkpoints/: the pack's atomic checkpoints
 # the most rows a flush decodes at once (unless eval.batch_size asks for more): a decode step reads
 # every weight once whatever its rows, but its KV cache and activations grow with them; the seed
 # grid's 15 jobs x 6 prompts decode in two batches. Trained jobs wait until their prompts fill one
@@ -107,14 +116,14 @@ FLUSH_BATCH_ROWS = 64
 @dataclass
 class Data:
     """One data split (a function of the dataset settings and the seed), tokenised, with the base
-    model's evaluation on it: shared by every job of the pack with that seed."""
+    model's evaluation on it (rank 0 only): shared by every job of the pack with that seed."""
 
     splits: Any
     train_rows: list[list[int]]
     val_rows: list[list[int]]
     train_ppl_rows: list[list[int]]
     prompts: list
-    base: Any  # ModelEval of the base model
+    base: Any  # ModelEval of the base model (None on ranks other than 0)
     base_cached: bool
     base_seconds: float
 
@@ -138,13 +147,19 @@ class Member:
     leave_at: int  # the step at which it leaves its trunk's lane (== total: cut there; < total: branch)
     name: str = ""  # its W&B run's name
     config: dict[str, Any] = field(default_factory=dict)  # config.json
-    rows: list[dict[str, Any]] = field(default_factory=list)  # what its W&B run logs, in order
-    history: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # its history (history.jsonl, W&B curves), in order
     state: str = "pending"  # pending, trained (waiting for a flush), finished, failed
     error: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     trunk_steps: int = 0  # steps it shared with other jobs (trained once for all of them)
+    tracker: Tracker | None = None  # its W&B run, open from the pack's start until it is written
     pack_seconds: dict[str, float] = field(default_factory=dict)  # the whole pack's wall time, split
+
+    def log(self, row: dict[str, Any]) -> None:
+        """A history row: kept for history.jsonl and sent to the job's W&B run now."""
+        self.rows.append(row)
+        if self.tracker is not None:
+            self.tracker.log(row)
 
 
 @dataclass
@@ -162,9 +177,8 @@ class Lane:
     made_from: int = 0  # the member whose settings (and seed) built it: a trunk's longest job, a branch's job
     start: int = 0  # the step it begins at (a branch begins where it leaves its trunk)
     loss_sum: float = 0.0
-    tokens: int = 0  # real tokens trained on (a branch starts with its trunk's)
+    tokens: int = 0  # real tokens trained on, all ranks (a branch starts with its trunk's)
     since_log: list[float] = field(default_factory=lambda: [0.0, 0])
-    history: list[dict[str, Any]] = field(default_factory=list)
     last_eval: tuple[int, PerplexityResult] | None = None
     initial_prompt: torch.Tensor | None = None
 
@@ -193,48 +207,76 @@ class Trained:
     train: dict[str, Any]  # its train/* and pack/* metrics
 
 
-# --- the pack --------------------------------------------------------------------------------------
+@dataclass
+class Clock:
+    """Where the pack's wall time goes, for the `time/*` keys of each job (docs/metrics.md)."""
+
+    start: float  # time.time() at the pack's (or the run's) start
+    base_eval_s: float = 0.0  # the base evaluations, all data splits
+    setup_end: float = 0.0  # time.time() when training begins
+    eval_s: float = 0.0  # per-epoch evaluations and flushes
+
+    def job_times(self, tuned_eval_s: float, save_s: float) -> dict[str, float]:
+        """A job's `time/*` keys at its metrics.json: set-up and base evaluation are the pack's;
+        tuned evaluation and saving are the job's own; training is the rest of the pack's wall
+        until then (other lanes' steps and the wait for its flush included), so they add up."""
+        total = time.time() - self.start
+        startup = self.setup_end - self.start - self.base_eval_s
+        return {keys.TIME_STARTUP_S: startup, keys.TIME_BASE_EVAL_S: self.base_eval_s,
+                keys.TIME_TUNED_EVAL_S: tuned_eval_s, keys.TIME_SAVE_S: save_s,
+                keys.TIME_TRAIN_S: total - startup - self.base_eval_s - tuned_eval_s - save_s,
+                keys.TIME_TOTAL_S: total}
+
+
+# --- the engine ------------------------------------------------------------------------------------
 
 
 def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list[list[int]],
-             names: list[str] | None = None, log: Callable[[str], None] = print) -> list[Member]:
+             names: list[str] | None = None, log: Callable[[str], None] = print, run_start: float | None = None,
+             on_step: Callable[[int, int], None] | None = None) -> list[Member]:
     """Train the jobs (`trunks`: lists of indexes into `configs`, shortest first, from
     softprompt.train.planner) and write each job's run directory. `names`: their W&B run names
-    (default: from each config, as a run without overrides names itself). Returns the members in
-    the order of `configs`, each `finished` (with its metrics) or `failed` (with its error)."""
+    (default: from each config, as a run without overrides names itself). `run_start`: the
+    time.time() the jobs' clocks start from (default: now). `on_step(step, real_tokens)` is called
+    after every step (scripts/bench.py times steps with it). Returns the members in the order of
+    `configs`, each `finished` (with its metrics) or `failed` (with its error); on ranks other than
+    0 none is written. Raises `preemption.Preempted` after a preemption signal's checkpoint."""
     from softprompt.train import preflight
 
-    pack_start = time.time()
+    clock = Clock(start=run_start or time.time())
     if len(configs) != len(run_dirs):
         raise ValueError("one run dir per config")
     for cfg in configs:
         preflight.check(cfg)
     first = configs[0]
-    # a pack's checkpoints live in its first job's run dir (the planner puts the same jobs in the same
-    # order into a pack again; resume checks that it did)
-    checkpoint_root = RunDir(run_dirs[0]).checkpoints / PACK_CHECKPOINTS
-    saved = _resume_point(first, checkpoint_root, run_dirs)
+    dirs = [Path(d) for d in run_dirs]
+    place = Placement.of(first)
+    main = place.main
+    point = resume.prepare(configs, dirs, log=_say(log, main))
+    saved = point.load(place.device)
     if first.training.num_threads:
         torch.set_num_threads(first.training.num_threads)
     forward = first.training.pack_forward
-    precision = resolve_precision(first.training.precision)
-    wandb_mode = resolve_mode(first.wandb.mode)
+    precision = resolve_precision(first.training.precision, place.device)
+    wandb_mode = resolve_mode(first.wandb.mode) if main else "disabled"
 
     # --- setup: the model once, each distinct data split once ------------------------------------
-    loaded = load_model(first.model)
+    done_before = {i for i, m in enumerate(saved.state["members"]) if m["state"] != "pending"} if saved else set()
+    for i, out in enumerate(dirs):
+        if main and i not in done_before:
+            RunDir(out).start()  # a rerun in the same dir is not finished yet
+            RunDir(out).failed.unlink(missing_ok=True)
+    loaded = load_model(first.model, place.device)
+    place.model(loaded.model)
     data_by_seed: dict[int, Data] = {}
     for cfg in configs:
         if cfg.seed not in data_by_seed:
-            data_by_seed[cfg.seed] = load_data(cfg, loaded)
+            data_by_seed[cfg.seed] = load_data(cfg, loaded, evaluate=main, log=log)
+    clock.base_eval_s = sum(d.base_seconds for d in data_by_seed.values())
     members = []
-    done_before = {i for i, m in enumerate(saved.state["members"]) if m["state"] != "pending"} if saved else set()
-    for i, (cfg, out) in enumerate(zip(configs, run_dirs)):
-        out = Path(out)
-        if i not in done_before:
-            RunDir(out).start()  # a rerun in the same dir is not finished yet
-            RunDir(out).failed.unlink(missing_ok=True)
+    for i, (cfg, out) in enumerate(zip(configs, dirs)):
         data = data_by_seed[cfg.seed]
-        per_epoch = steps_per_epoch(len(data.train_rows), cfg.training.batch_size)
+        per_epoch = steps_per_epoch(len(data.train_rows), cfg.training.batch_size, place.world)
         total = cfg.training.max_steps or cfg.training.epochs * per_epoch
         name = names[i] if names else run_name(cfg, get_method(cfg.peft.method).tag(cfg.peft), overrides=[])
         members.append(Member(i, cfg, out, data, total=total, leave_at=total, name=name))
@@ -248,32 +290,31 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
         for m in group:  # the steps it trains together with another job of its trunk
             m.trunk_steps = max((min(o.leave_at, m.leave_at) for o in group if o is not m), default=0)
         if saved is None:
-            lanes.append(_new_lane(longest.cfg, loaded, longest.data, group, longest.total, made_from=longest.index))
+            lanes.append(new_lane(longest.cfg, loaded, longest.data, group, longest.total, made_from=longest.index))
     step = 0
     waiting: list[Trained] = []  # jobs trained but not written yet
     if saved is not None:
         step, lanes, waiting = _restore(saved, members, loaded)
         forward = saved.state["forward"]  # the way the first attempt chose: no second calibration
 
-    concat_ok = len(lanes) > 1 and all(l.fast_loss for l in lanes)
-    if forward == "concat" and not concat_ok:
-        log("pack: training.pack_forward=concat needs prompt tuning or p-tuning on a supported model in every "
-            "job and more than one lane; stepping in turns")
+    concat_ok = len(lanes) > 1 and all(lane.fast_loss for lane in lanes)
+    if forward == "concat" and not concat_ok and len(configs) > 1:
+        _say(log, main)("pack: training.pack_forward=concat needs prompt tuning or p-tuning on a supported model "
+                        "in every job and more than one lane; stepping in turns")
     calibration = saved.state.get("calibration_s") if saved else None
-    settings_batch = first.training.batch_size
     if forward == "auto":
         forward = "turns"
-        rows = len(lanes) * settings_batch
+        rows = len(lanes) * first.training.batch_size
         if concat_ok and rows > CALIBRATION_MAX_ROWS:
-            log(f"pack: forward turns ({rows} rows per step is too many for one concatenated forward; "
-                f"training.pack_max_rows splits the pack)")
-        elif concat_ok and max(l.end for l in lanes) >= CALIBRATION_MIN_STEPS:
-            forward, calibration = _calibrate(lanes, loaded, precision, log)
+            _say(log, main)(f"pack: forward turns ({rows} rows per step is too many for one concatenated forward; "
+                            f"training.pack_max_rows splits the pack)")
+        elif concat_ok and max(lane.end for lane in lanes) >= CALIBRATION_MIN_STEPS:
+            forward, calibration = _calibrate(lanes, loaded, place, precision, _say(log, main))
     elif forward == "concat" and not concat_ok:
         forward = "turns"
 
     pack_info = {"jobs": len(configs), "trunks": len(trunks), "forward": forward,
-                 "calibration_s": calibration, "members": [str(Path(d).name) for d in run_dirs]}
+                 "calibration_s": calibration, "members": [d.name for d in dirs]}
     for trunk in trunks:
         group = [members[i] for i in trunk]
         lengths = [m.total for m in group]
@@ -285,24 +326,58 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
                 "pack": pack_info | {"index": m.index},
                 "trunk": {"steps": lengths, "leaves_at_step": m.leave_at,
                           "branch": m.leave_at < m.total, "shared_with": [x.out.name for x in group]}} | prompt_source(m.cfg)
-            if m.state == "pending":
+            if main and m.state == "pending":
                 RunDir(m.out).write_config(m.config)
+    if main:  # each unwritten job's W&B run, open while it trains (the same run again on a resume)
+        for m in members:
+            if m.state in ("pending", "trained"):
+                m.tracker = Tracker.start(m.cfg, m.out, m.config, m.name, mode=wandb_mode,
+                                          run_id=point.wandb_run_ids[m.index])
+                if m.tracker.run_id:
+                    RunDir(m.out).write_wandb_run_id(m.tracker.run_id)
 
-    # --- train: every lane one step at a time, in lock-step ------------------------------------
+    # SIGTERM/SIGUSR1/SIGUSR2 from here on stop the pack at a step boundary (softprompt.train.preemption)
+    with preemption.Watch(dirs[0] if main else None) as watch:
+        try:
+            _train(members, lanes, waiting, step, loaded, place, clock, forward, calibration, precision, wandb_mode,
+                   log, watch, on_step)
+        except preemption.Preempted as exc:
+            for m in members:
+                if m.tracker is not None:
+                    m.tracker.mark_preempting()
+                    m.tracker.finish(exit_code=exc.exit_status)
+            watch.chain(exc.signum)  # submitit's handler, where there is one: it requeues the job
+            raise
+        except BaseException:
+            for m in members:
+                if m.tracker is not None:
+                    m.tracker.finish(exit_code=1)
+            raise
+    return members
+
+
+def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], step: int, loaded, place: "Placement",
+           clock: Clock, forward: str, calibration, precision: str, wandb_mode: str, log, watch,
+           on_step) -> None:
+    """Every lane one step at a time, in lock-step, until every job is trained and written."""
+    first = members[0].cfg
     settings = first.training
+    main, world = place.main, place.world
     collate = PaddingCollator(loaded.tokenizer.pad_token_id)
-    work = sum(l.end - max(l.start, step) for l in lanes) + sum(
+    checkpoint_root = RunDir(members[0].out).checkpoints
+    work = sum(lane.end - max(lane.start, step) for lane in lanes) + sum(
         m.total - max(m.leave_at, step) for m in members if m.state == "pending" and m.leave_at < m.total)
-    bar = _progress(work, lanes, configs)
+    bar = _progress(work, lanes, [m.cfg for m in members], enabled=main)
+    clock.setup_end = time.time()
     started = time.perf_counter()
-    setup_s, eval_s = time.time() - pack_start, 0.0
     real_tokens = 0
     resumed_from = step
     first_step = None
     delay = checkpoints.step_delay_for_tests()
-    save_every = first.training.save_steps
+    save_every = settings.save_steps
     orders: dict[tuple[int, int], list[list[int]]] = {}
     flush_rows = max(first.eval.batch_size, FLUSH_BATCH_ROWS)
+    autocast = torch.bfloat16 if precision == "bf16" else None
     while lanes:
         # members that leave their lane now: a wsd job whose own decay starts at this step
         for lane in list(lanes):
@@ -311,81 +386,112 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
                 lanes.append(_branch(lane, m, loaded))
         batches = []
         for lane in lanes:
-            epoch, batch = divmod(step, per_epoch_of(lane, settings))
-            if (lane.seed, epoch) not in orders:  # a standalone run's order: a function of (seed, epoch)
+            epoch, batch = divmod(step, per_epoch_of(lane, settings, world))
+            if (lane.seed, epoch) not in orders:  # a job's order alone: a function of (seed, epoch)
                 orders[lane.seed, epoch] = epoch_batches(lane.data.lengths, settings.batch_size, lane.seed, epoch,
-                                                         settings.group_by_length)
+                                                         settings.group_by_length, place.rank, world)
             order = orders[lane.seed, epoch]
             batches.append(collate([{"input_ids": lane.data.train_rows[k]} for k in order[batch]]))
-        losses = _forward_backward(lanes, batches, loaded, precision, forward)
-        for lane, inputs, value in zip(list(lanes), batches, losses):
+        result = train_step(lanes, batches, loaded.model, step, forward=forward, device=place.device,
+                            autocast=autocast, world=world)
+        for lane, value, tokens, norm, lr in zip(list(lanes), result.losses, result.tokens, result.grad_norms,
+                                                 result.rates):
             if not math.isfinite(value):
                 msg = (f"training loss became {value} at step {step + 1}; lower training.learning_rate or use "
                        "training.precision=fp32")
                 for m in lane.members:
-                    _fail(m, lane, msg, wandb_mode, log)
+                    _fail(m, msg, main, log)
                 lanes.remove(lane)
                 continue
-            tokens = int(inputs["attention_mask"].sum())  # the rows' own tokens: no pad, no prompt
             real_tokens += tokens
             lane.tokens += tokens
-            _optimizer_step(lane, step, value, settings.logging_steps, per_epoch_of(lane, settings))
+            lane.loss_sum += value
+            lane.since_log[0] += value
+            lane.since_log[1] += 1
+            if step == 0 or (step + 1) % settings.logging_steps == 0:  # and the first step
+                row = log_row(step, lane.since_log[0] / lane.since_log[1], lr, float(norm),
+                              per_epoch_of(lane, settings, world))
+                for m in lane.members:
+                    m.log(row)
+                lane.since_log = [0.0, 0]
         step += 1
         if first_step is None:  # seconds to the end of the first step: from the pack's start, the process's
             now = time.time()
-            first_step = (now - pack_start, now - process_start())
+            first_step = (now - clock.start, now - process_start())
         bar.update(len(lanes))
+        if on_step is not None:
+            on_step(step, real_tokens)
         if delay:
             time.sleep(delay)  # test-only: slows a tiny pack so a test can kill it on time
         # evaluations and finished jobs
+        trained_now = False
         for lane in list(lanes):
-            per_epoch = per_epoch_of(lane, settings)
+            per_epoch = per_epoch_of(lane, settings, world)
             done = [m for m in lane.members if m.total == step]
-            end_of_epoch, last_row = step % per_epoch == 0, []
-            if first.eval.per_epoch and (end_of_epoch or done):  # as a standalone run: each epoch and its end
+            end_of_epoch = step % per_epoch == 0
+            if main and first.eval.per_epoch and (end_of_epoch or done):  # each epoch and each job's end
                 t0 = time.perf_counter()
                 row = _epoch_eval(lane, step, per_epoch, first)
-                eval_s += time.perf_counter() - t0
-                if end_of_epoch:
-                    lane.history.append(row)
-                    for m in lane.members:
-                        m.rows.append(row)
-                else:  # a job that ends mid-epoch (max_steps): its own last evaluation, not the trunk's
-                    last_row = [row]
-                    for m in done:
-                        m.rows.append(row)
+                clock.eval_s += time.perf_counter() - t0
+                # a job that ends mid-epoch (max_steps) gets its own last evaluation, not the trunk's
+                for m in (lane.members if end_of_epoch else done):
+                    m.log(row)
             for m in done:
-                m.history = lane.history + last_row
-                waiting.append(_trained(m, lane, precision, started, real_tokens, first_step, forward, resumed_from))
+                m.state, trained_now = "trained", True
+                if main:
+                    waiting.append(_trained(m, lane, precision, started, real_tokens, first_step, forward,
+                                            resumed_from, world))
                 lane.members.remove(m)
             if not lane.members:
                 lanes.remove(lane)
-        due = _due(waiting, flush_rows, final=not lanes)
-        if due:
-            t0 = time.perf_counter()
-            _flush(due, loaded, wandb_mode, log)
-            written = {id(job) for job in due}  # by identity: a Trained holds tensors
-            waiting = [job for job in waiting if id(job) not in written]
-            eval_s += time.perf_counter() - t0
-        # checkpoints as a standalone run writes them: each epoch's end (and every save_steps)
-        end_of_epoch = step % steps_per_epoch(len(members[0].data.train_rows), settings.batch_size) == 0
-        if lanes and ((first.training.save_every_epoch and end_of_epoch) or (save_every and step % save_every == 0)):
-            _save(checkpoint_root, step, lanes, waiting, members, forward, calibration)
+        # checkpoints: each epoch's end (and every save_steps), where a job's training ends (before it
+        # is written: a failed write resumes without training it again), and where a preemption stops
+        end_of_epoch = step % steps_per_epoch(len(members[0].data.train_rows), settings.batch_size, world) == 0
+        saved = None
+        if main and (lanes or waiting) and (trained_now or (settings.save_every_epoch and end_of_epoch)
+                                            or (save_every and step % save_every == 0)):
+            saved = _save(checkpoint_root, step, lanes, waiting, members, forward, calibration)
+        signum = place.any_rank(watch.requested()) if lanes else None
+        if signum:
+            if main and saved is None:
+                saved = _save(checkpoint_root, step, lanes, waiting, members, forward, calibration)
+            bar.close()
+            raise preemption.Preempted(signum, step, saved)
+        _flush_due(waiting, loaded, clock, log, flush_rows, final=not lanes)
+    _flush_due(waiting, loaded, clock, log, flush_rows, final=True)  # a resume of a pack whose training had ended
     bar.close()
-    total_s = time.time() - pack_start
-    # evaluation: per-epoch held-out perplexity and each job's final evaluation, generation and writes
-    times = {"total_s": round(total_s, 2), "setup_s": round(setup_s, 2), "eval_s": round(eval_s, 2),
-             "train_s": round(total_s - setup_s - eval_s, 2),
-             "base_eval_s": round(sum(d.base_seconds for d in data_by_seed.values()), 2)}
+    if not main:  # the other ranks' part is done: rank 0 evaluated and wrote the jobs
+        for m in members:
+            m.state = "finished" if m.state == "trained" else m.state
+    total_s = time.time() - clock.start
+    setup_s = clock.setup_end - clock.start
+    times = {"total_s": round(total_s, 2), "setup_s": round(setup_s, 2), "eval_s": round(clock.eval_s, 2),
+             "train_s": round(total_s - setup_s - clock.eval_s, 2), "base_eval_s": round(clock.base_eval_s, 2)}
     for m in members:
         m.pack_seconds = times
-    log(f"pack: {len(members)} jobs in {total_s:.1f} s: set-up {setup_s:.1f} s (base evaluation "
-        f"{times['base_eval_s']:.1f} s), training {times['train_s']:.1f} s, evaluation {eval_s:.1f} s")
-    return members
+    if main and len(members) > 1:
+        log(f"pack: {len(members)} jobs in {total_s:.1f} s: set-up {setup_s:.1f} s (base evaluation "
+            f"{times['base_eval_s']:.1f} s), training {times['train_s']:.1f} s, evaluation {clock.eval_s:.1f} s")
 
 
-def per_epoch_of(lane: Lane, settings) -> int:
-    return steps_per_epoch(len(lane.data.train_rows), settings.batch_size)
+def _flush_due(waiting: list[Trained], loaded, clock: Clock, log, flush_rows: int, final: bool) -> None:
+    """Evaluate and write the waiting jobs that are due (softprompt.train.pack._due)."""
+    due = _due(waiting, flush_rows, final=final)
+    if due:
+        t0 = time.perf_counter()
+        _flush(due, loaded, clock, log)
+        written = {id(job) for job in due}  # by identity: a Trained holds tensors
+        waiting[:] = [job for job in waiting if id(job) not in written]
+        clock.eval_s += time.perf_counter() - t0
+
+
+def _say(log: Callable[[str], None], main: bool) -> Callable[[str], None]:
+    """`log` on rank 0, silence elsewhere (every rank runs the same code)."""
+    return log if main else (lambda _message: None)
+
+
+def per_epoch_of(lane: Lane, settings, world: int = 1) -> int:
+    return steps_per_epoch(len(lane.data.train_rows), settings.batch_size, world)
 
 
 def _leave_at(m: Member) -> int:
@@ -402,28 +508,35 @@ def _leave_at(m: Member) -> int:
     return m.total
 
 
-def load_data(cfg: DictConfig, loaded) -> Data:
-    """What `run()` does before training, for one seed: split, tokenise, evaluate the base model."""
+def load_data(cfg: DictConfig, loaded, evaluate: bool = True, log: Callable[[str], None] = print) -> Data:
+    """What a job needs before training, for one seed: split, tokenise, evaluate the base model
+    (`evaluate`: rank 0 only)."""
     splits = load_splits(cfg.dataset, cfg.seed)
     tokenizer_id = f"{cfg.model.source}:{loaded.tokenizer_path}"
     train_rows = tokenize(splits.train, loaded.tokenizer, cfg.training.max_length, tokenizer_id)
     val_rows = tokenize(splits.validation, loaded.tokenizer, cfg.training.max_length, tokenizer_id)
     prompts = eval_prompts(cfg.eval, splits.validation)
     train_ppl_rows = train_subset(train_rows, cfg.eval)
-    # before any job wraps the base: it is the same model either way for prompt methods, but the
-    # cache key and the numbers are those of a standalone run
+    if not evaluate:
+        return Data(splits, train_rows, val_rows, train_ppl_rows, prompts, None, False, 0.0)
+    # before any job wraps the base: LoRA injects its layers into it in place
     base, cached, seconds = evaluate_base(loaded, val_rows, train_ppl_rows, prompts, cfg)
+    log(f"base model: held-out perplexity {base.perplexity.perplexity:.3f} on {base.perplexity.tokens} tokens"
+        f"{' (cached)' if cached else ''}")
     return Data(splits, train_rows, val_rows, train_ppl_rows, prompts, base, cached, seconds)
 
 
-def _new_lane(cfg: DictConfig, loaded, data: Data, members: list[Member], total: int, made_from: int = 0) -> Lane:
-    # a standalone run seeds everything with its seed before it wraps the base (a random prompt
-    # init draws from torch's generator); the same here, without moving the pack's own state
+def new_lane(cfg: DictConfig, loaded, data: Data, members: list[Member], total: int, made_from: int = 0) -> Lane:
+    # every lane seeds with its job's seed before it wraps the base (a random prompt init draws from
+    # torch's generator), without moving the pack's own state: a job draws the same prompt alone
     with torch.random.fork_rng():
         set_seed(cfg.seed)
         model = wrap(loaded.model, cfg.peft, loaded.tokenizer_path)
+    model.to(next(loaded.model.parameters()).device)  # the prompt beside the base, in its own fp32
     t = cfg.training
-    # the optimizer of a standalone run (softprompt.train.trainer): fused AdamW
+    # fused: the HF Trainer's default too (adamw_torch_fused); it takes the rate as a tensor, so an
+    # absurd learning rate makes inf weights and then a NaN loss that names its step, where the
+    # single-tensor Adam raises an overflow error from inside its update
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate,
                                   weight_decay=t.weight_decay, fused=True)
     initial = soft_prompt_embeddings(model)
@@ -436,59 +549,39 @@ def _new_lane(cfg: DictConfig, loaded, data: Data, members: list[Member], total:
 
 def _branch(trunk: Lane, m: Member, loaded) -> Lane:
     """A copy of the trunk's state (prompt, optimizer, loss sums, curve) with `m`'s own schedule."""
-    lane = _new_lane(m.cfg, loaded, trunk.data, [m], m.total, made_from=m.index)
+    lane = new_lane(m.cfg, loaded, trunk.data, [m], m.total, made_from=m.index)
     with torch.no_grad():
         for mine, theirs in zip(lane.trainable(), trunk.trainable(), strict=True):
             mine.copy_(theirs)
     lane.optimizer.load_state_dict(copy.deepcopy(trunk.optimizer.state_dict()))
     lane.start, lane.loss_sum, lane.since_log = m.leave_at, trunk.loss_sum, list(trunk.since_log)
     lane.tokens = trunk.tokens
-    lane.history, lane.last_eval, lane.initial_prompt = list(trunk.history), trunk.last_eval, trunk.initial_prompt
-    m.rows = list(m.rows)
+    lane.last_eval, lane.initial_prompt = trunk.last_eval, trunk.initial_prompt
     return lane
 
 
 # --- checkpoints: SIGKILL + training.resume=true continues every unfinished job -----------------
 
 
-def _resume_point(cfg: DictConfig, root: Path, run_dirs: list) -> Any:
-    """The pack's latest complete checkpoint when resuming (None: start at step 0)."""
-    if not cfg.training.resume:
-        if root.exists():
-            checkpoints.clear(root)
-        return None
-    checkpoints.remove_staging(root)
-    latest = checkpoints.latest_checkpoint(root)
-    if latest is None:
-        return None
-    saved = checkpoints.load(latest)
-    if saved.state["dirs"] != [Path(d).name for d in run_dirs]:
-        raise UserError(f"training.resume=true: the pack checkpointed in {root} held the jobs "
-                        f"{saved.state['dirs']}, this pack holds {[Path(d).name for d in run_dirs]}; rerun the "
-                        "same sweep command, or without training.resume to start over")
-    return saved
-
-
 def _save(root: Path, step: int, lanes: list[Lane], waiting: list[Trained], members: list[Member], forward: str,
-          calibration: dict[str, float] | None) -> None:
-    """The lanes' prompts and optimizers, and the trained jobs still waiting for a flush (their
-    prompts after the lanes')."""
+          calibration: dict[str, float] | None) -> Path:
+    """The engine's checkpoint: the lanes' prompts and optimizers, and the trained jobs still
+    waiting for a flush (their prompts after the lanes')."""
     state = {
+        "format": resume.FORMAT,
         "step": step, "forward": forward, "calibration_s": calibration, "dirs": [m.out.name for m in members],
         "members": [{"state": m.state, "error": m.error, "rows": m.rows} for m in members],
         "lanes": [{"members": [m.index for m in lane.members], "made_from": lane.made_from, "total": lane.end,
                    "start": lane.start, "loss_sum": lane.loss_sum, "since_log": lane.since_log, "tokens": lane.tokens,
-                   "history": lane.history,
                    "last_eval": [lane.last_eval[0], lane.last_eval[1].as_dict()] if lane.last_eval else None}
                   for lane in lanes],
         "waiting": [{"member": job.member.index, "tokens": job.tokens, "train": job.train,
-                     "history": job.member.history,
                      "last_eval": job.last_eval.as_dict() if job.last_eval else None} for job in waiting],
     }
     prompts = [{n: p.detach().cpu() for n, p in lane.named_trainable()} for lane in lanes]
     prompts += [{n: p.cpu() for (n, _), p in zip(job.lane.named_trainable(), job.params, strict=True)}
                 for job in waiting]
-    checkpoints.save(root, step, checkpoints.Checkpoint(
+    return checkpoints.save(root, step, checkpoints.Checkpoint(
         state=state, prompts=prompts, optimizers=[lane.optimizer.state_dict() for lane in lanes]))
 
 
@@ -502,7 +595,7 @@ def _restore(saved, members: list[Member], loaded) -> tuple[int, list[Lane], lis
     lane_prompts, waiting_prompts = saved.prompts[:len(saved.state["lanes"])], saved.prompts[len(saved.state["lanes"]):]
     for state, prompt, optimizer in zip(saved.state["lanes"], lane_prompts, saved.optimizers, strict=True):
         owner = members[state["made_from"]]
-        lane = _new_lane(owner.cfg, loaded, owner.data, [members[i] for i in state["members"]], state["total"],
+        lane = new_lane(owner.cfg, loaded, owner.data, [members[i] for i in state["members"]], state["total"],
                          made_from=owner.index)
         with torch.no_grad():
             for name, param in lane.model.named_parameters():
@@ -511,112 +604,29 @@ def _restore(saved, members: list[Member], loaded) -> tuple[int, list[Lane], lis
         lane.optimizer.load_state_dict(optimizer)
         lane.start, lane.loss_sum, lane.since_log = state["start"], state["loss_sum"], list(state["since_log"])
         lane.tokens = state["tokens"]
-        lane.history = list(state["history"])
         if state["last_eval"]:
             lane.last_eval = (state["last_eval"][0], PerplexityResult(**state["last_eval"][1]))
         lanes.append(lane)
     waiting = []
     for state, prompt in zip(saved.state.get("waiting", []), waiting_prompts, strict=True):
         m = members[state["member"]]
-        m.history = list(state["history"])
         # a model of the job's own settings to hold its prompt while it is evaluated and written
-        holder = _new_lane(m.cfg, loaded, m.data, [], m.total, made_from=m.index)
+        holder = new_lane(m.cfg, loaded, m.data, [], m.total, made_from=m.index)
         params = [prompt[name].clone() for name, _ in holder.named_trainable()]
         last_eval = PerplexityResult(**state["last_eval"]) if state["last_eval"] else None
-        waiting.append(Trained(m, holder, params, last_eval, state["tokens"], dict(state["train"])))
+        # trained before the checkpoint; this attempt, which writes it, continued from there
+        train = dict(state["train"]) | {keys.TRAIN_RESUMED_FROM_STEP: saved.state["step"]}
+        waiting.append(Trained(m, holder, params, last_eval, state["tokens"], train))
     return saved.state["step"], lanes, waiting
 
 
-# --- one step ------------------------------------------------------------------------------------
-
-
-def _forward_backward(lanes: list[Lane], batches: list[dict], loaded, precision: str, forward: str) -> list[float]:
-    """Each lane's loss value; gradients are in each lane's prompt. A lane whose loss is not
-    finite gets no backward (its value says so)."""
-    device = next(loaded.model.parameters()).device
-    bf16 = precision == "bf16"
-    if forward == "concat" and len(lanes) > 1:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            losses = concat_losses(lanes, batches, loaded.model)
-        values = [float(loss.detach()) for loss in losses]
-        finite = [loss for loss, v in zip(losses, values) if math.isfinite(v)]
-        if finite:
-            torch.stack(finite).sum().backward()  # each prompt gets its own lane's gradient only
-        return values
-    values = []
-    for lane, inputs in zip(lanes, batches):
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        lane.model.train()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            if lane.fast_loss:
-                loss = prompt_tuning_loss(lane.model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
-            else:  # PEFT's forward: the mean NLL over the labelled tokens, as the fast loss
-                loss = lane.model(**inputs).loss
-        value = loss.item()
-        if math.isfinite(value):
-            loss.backward()
-        values.append(value)
-    return values
-
-
-def concat_losses(lanes: list[Lane], batches: list[dict], base) -> list[torch.Tensor]:
-    """One forward through the frozen base for the rows of all lanes, each row behind its own
-    lane's soft prompt: `[prompt_j, text, padding]`, right-padded to the longest. Returns each
-    lane's mean NLL over its own labelled tokens (what `prompt_tuning_loss` returns for it alone)."""
-    device = next(base.parameters()).device
-    decoder, lm_head, embed = base.base_model, base.get_output_embeddings(), base.get_input_embeddings()
-    pieces, masks, targets = [], [], []
-    for lane, inputs in zip(lanes, batches):
-        lane.model.train()
-        ids, mask, labels = (inputs[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        emb = embed(ids)
-        prompt = lane.model.get_prompt(batch_size=ids.shape[0]).to(emb.dtype)
-        n = prompt.shape[1]
-        pieces.append(torch.cat([prompt, emb], dim=1))
-        masks.append(torch.cat([mask.new_ones(ids.shape[0], n), mask], dim=1))
-        targets.append(torch.cat([labels.new_full((ids.shape[0], n), -100), labels], dim=1))
-    width = max(p.shape[1] for p in pieces)
-    embeds = torch.cat([F.pad(p, (0, 0, 0, width - p.shape[1])) for p in pieces])
-    mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for m in masks])
-    target = torch.cat([F.pad(t, (0, width - t.shape[1]), value=-100) for t in targets])
-    hidden = decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-    # position p predicts token p+1 (the last virtual position predicts the first text token)
-    hidden, target = hidden[:, :-1], target[:, 1:]
-    losses, start = [], 0
-    for piece in pieces:  # each lane's rows: its loss as prompt_tuning_loss computes it alone
-        rows = slice(start, start + piece.shape[0])
-        start += piece.shape[0]
-        keep = target[rows] != -100
-        nll = F.cross_entropy(lm_head(hidden[rows][keep]).float(), target[rows][keep], reduction="sum")
-        losses.append(nll / int(keep.sum()))
-    return losses
-
-
-def _optimizer_step(lane: Lane, step: int, value: float, logging_steps: int, per_epoch: int) -> None:
-    params = lane.trainable()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, lane.max_grad_norm)
-    lr = lane.schedule.lr(step)
-    for group in lane.optimizer.param_groups:
-        group["lr"] = lr
-    lane.optimizer.step()
-    lane.optimizer.zero_grad(set_to_none=True)
-    lane.loss_sum += value
-    lane.since_log[0] += value
-    lane.since_log[1] += 1
-    if step == 0 or (step + 1) % logging_steps == 0:  # and the first step, as a standalone run logs
-        epoch, batch = divmod(step, per_epoch)
-        row = {keys.TRAIN_LOSS: lane.since_log[0] / lane.since_log[1], keys.TRAIN_LEARNING_RATE: lr,
-               keys.TRAIN_GRAD_NORM: float(grad_norm), keys.TRAIN_STEP: step + 1,
-               keys.EPOCH: round(epoch + (batch + 1) / per_epoch, 4)}
-        for m in lane.members:
-            m.rows.append(row)
-        lane.since_log = [0.0, 0]
+# --- evaluation while training -------------------------------------------------------------------
 
 
 def _epoch_eval(lane: Lane, step: int, per_epoch: int, cfg: DictConfig) -> dict[str, Any]:
     """The lane's held-out perplexity now, as a history row (the loop's per-epoch evaluation)."""
     result = perplexity(lane.model, lane.data.val_rows, _pad_id(lane), cfg.eval.batch_size * 2,
-                        virtual_tokens_in_logits(lane.model), autocast_dtype=autocast_dtype(cfg.eval.precision))
+                        virtual_tokens_in_logits(lane.model), autocast_dtype=autocast_dtype(cfg.eval.precision, model_device(lane.model)))
     lane.last_eval = (step, result)
     epoch, batch = divmod(step - 1, per_epoch)
     return {keys.EPOCH: round(epoch + (batch + 1) / per_epoch, 4), keys.TRAIN_STEP: step, keys.EVAL_LOSS: result.loss,
@@ -630,21 +640,23 @@ def _pad_id(lane: Lane) -> int:
 # --- auto: which way is faster here ----------------------------------------------------------------
 
 
-def _calibrate(lanes: list[Lane], loaded, precision: str, log) -> tuple[str, dict[str, float]]:
+def _calibrate(lanes: list[Lane], loaded, place: "Placement", precision: str, log) -> tuple[str, dict[str, float]]:
     """Time a forward+backward of the first batches both ways (no optimizer step: nothing moves).
     Returns the faster way and the seconds of one step each way."""
     settings = lanes[0].members[0].cfg.training
     collate = PaddingCollator(loaded.tokenizer.pad_token_id)
     batches = []
     for lane in lanes:
-        order = epoch_batches(lane.data.lengths, settings.batch_size, lane.seed, 0, settings.group_by_length)
+        order = epoch_batches(lane.data.lengths, settings.batch_size, lane.seed, 0, settings.group_by_length,
+                              place.rank, place.world)
         batches.append(collate([{"input_ids": lane.data.train_rows[k]} for k in order[0]]))
     best = {"turns": math.inf, "concat": math.inf}
     with torch.random.fork_rng():
         for round_ in range(CALIBRATION_ROUNDS + 1):
             for way in best:
                 t0 = time.perf_counter()
-                _forward_backward(lanes, batches, loaded, precision, way)
+                _forward_backward(lanes, batches, loaded.model, way, place.device,
+                                  torch.bfloat16 if precision == "bf16" else None)
                 seconds = time.perf_counter() - t0
                 for lane in lanes:
                     lane.optimizer.zero_grad(set_to_none=True)
@@ -660,13 +672,12 @@ def _calibrate(lanes: list[Lane], loaded, precision: str, log) -> tuple[str, dic
 
 
 def _trained(m: Member, lane: Lane, precision: str, started: float, real_tokens: int,
-             first_step: tuple[float, float] | None, forward: str, resumed_from: int) -> Trained:
+             first_step: tuple[float, float] | None, forward: str, resumed_from: int, world: int) -> Trained:
     """The job `m` at its last step (now): its prompt and what its lane says about it, for the next flush."""
     seconds = time.perf_counter() - started
     last = lane.last_eval if lane.last_eval and lane.last_eval[0] == m.total else None
-    per_epoch = steps_per_epoch(len(m.data.train_rows), m.cfg.training.batch_size)
-    epoch, batch = divmod(m.total - 1, per_epoch)
-    m.state = "trained"
+    epoch, batch = divmod(m.total - 1, per_epoch_of(lane, m.cfg.training, world))
+    per_epoch = per_epoch_of(lane, m.cfg.training, world)
     return Trained(m, lane, [p.detach().clone() for p in lane.trainable()], last[1] if last else None, lane.tokens, {
         keys.TRAIN_LOSS: lane.loss_sum / max(m.total, 1), keys.TRAIN_EPOCHS: epoch + (batch + 1) / per_epoch,
         keys.TRAIN_STEPS: m.total, keys.TRAIN_RUNTIME_S: seconds, keys.TRAIN_TOKENS_PER_SECOND: real_tokens / seconds,
@@ -709,7 +720,7 @@ def _due(waiting: list[Trained], flush_rows: int, final: bool) -> list[Trained]:
     return [job for job in waiting if full or not _batched(job)]
 
 
-def _flush(jobs: list[Trained], loaded, wandb_mode: str, log) -> None:
+def _flush(jobs: list[Trained], loaded, clock: Clock, log) -> None:
     """Evaluate and write these trained jobs: the generations of all those whose prompt is input
     embeddings in one batched call, each row behind its own job's soft prompt."""
     if not jobs:
@@ -738,37 +749,41 @@ def _flush(jobs: list[Trained], loaded, wandb_mode: str, log) -> None:
             start += n
     for job in jobs:
         generations, seconds = texts.get(job.member.index, (None, 0.0))
-        _write(job, loaded, generations, seconds, wandb_mode, log)
+        _write(job, loaded, generations, seconds, clock, log)
 
 
-def _write(job: Trained, loaded, generations: list[str] | None, generation_s: float, wandb_mode: str, log) -> None:
-    """Evaluate the job's own prompt and write its run (metrics.json last, its W&B run)."""
+def _write(job: Trained, loaded, generations: list[str] | None, generation_s: float, clock: Clock, log) -> None:
+    """Evaluate the job's own prompt and write its run (metrics.json last, its W&B run finished)."""
     from softprompt.train.outputs import write_run
 
     m = job.member
     with _holding(job) as model:
         m.metrics = write_run(
-            m.cfg, m.out, loaded, model, m.data, m.config, m.name, wandb_mode, history=m.history, rows=m.rows,
+            m.cfg, m.out, loaded, model, m.data, m.name, m.tracker, history=m.rows,
             last_eval=job.last_eval, initial_prompt=job.lane.initial_prompt, tokens_seen=job.tokens,
-            train=job.train, generations=generations, generation_s=generation_s)
-    m.state = "finished"
-    log(f"pack: {m.out.name} finished: {keys.EVAL_PERPLEXITY} {m.metrics[keys.EVAL_PERPLEXITY]:.4f}")
+            train=job.train, clock=clock, generations=generations, generation_s=generation_s)
+    m.tracker, m.state = None, "finished"
+    where = f"{m.out.name}: " if len(m.config["pack"]["members"]) > 1 else ""
+    log(f"{where}tuned model: held-out perplexity {m.metrics[keys.EVAL_PERPLEXITY]:.3f} "
+        f"(base {m.metrics[keys.EVAL_BASE_PERPLEXITY]:.3f})")
 
 
-def _fail(m: Member, lane: Lane, message: str, wandb_mode: str, log) -> None:
-    from softprompt.track.wandb_run import Tracker
-
+def _fail(m: Member, message: str, main: bool, log) -> None:
+    """The job's end when its loss is not finite: failed.json instead of metrics.json, its W&B run
+    finished with exit code 1; the pack goes on."""
     m.state, m.error = "failed", message
-    RunDir(m.out).write_failed({"error": message, "history": list(lane.history)})
-    tracker = Tracker.start(m.cfg, m.out, m.config, m.name, mode=wandb_mode)
-    for row in m.rows:
-        tracker.log(row)
-    tracker.finish(exit_code=1)
-    log(f"pack: {m.out.name} failed: {message}")
+    if not main:
+        return
+    RunDir(m.out).write_failed({"error": message, "history": list(m.rows)})
+    if m.tracker is not None:
+        m.tracker.finish(exit_code=1)
+        m.tracker = None
+    log(f"{m.out.name} failed: {message}")
 
 
-def _progress(total: int, lanes: list[Lane], configs: list[DictConfig]):
+def _progress(total: int, lanes: list[Lane], configs: list[DictConfig], enabled: bool = True):
     """One bar per pack: its jobs, lanes and budgets; tqdm's ETA from the lane-steps done so far."""
     lengths = sorted({c.training.max_steps or c.training.epochs for c in configs})
-    desc = f"pack: {len(configs)} jobs, {len(lanes)} lanes, budgets {','.join(map(str, lengths))}"
-    return progress(desc=desc, total=total, unit="step", leave=True)
+    desc = (f"training: {len(configs)} jobs, {len(lanes)} lanes, budgets {','.join(map(str, lengths))}"
+            if len(configs) > 1 else "training")
+    return progress(desc=desc, total=total if enabled else 0, unit="step", leave=True)  # 0: no bar

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from softprompt.core import cache, hub
 from softprompt.core.config import validate
+from softprompt.core.device import check_device
 from softprompt.core.errors import UserError
 from softprompt.core.quiet import quiet_third_party
 from softprompt.data.bundled import bundled_path
@@ -34,6 +35,7 @@ OFFLINE_DATA = "dataset=prompts_sample or dataset=quotes_sample (bundled), or da
 def check(cfg: DictConfig) -> None:
     quiet_third_party()  # every job starts here (CLI, run(), sweeps): no third-party chatter
     validate(cfg)
+    check_device(cfg.training.device)  # cuda/mps: whether this machine has one (imports torch then)
     check_overrides(cfg)
     check_dataset(cfg.dataset)
     check_model(cfg.model)

@@ -1,15 +1,18 @@
-"""`training.resume=true`: continue a killed run in the same run directory.
+"""Where an attempt of a pack starts: its newest complete checkpoint, or step 0.
 
-What a resumed run needs from the earlier attempt: its newest complete checkpoint, the same
-settings (a checkpoint of another config cannot be continued) and its W&B run id, so the
-resumed attempt logs into the same W&B run. A fresh run in a reused directory starts clean.
+A pack (a single run is a pack of one) keeps its checkpoints in its first job's run directory
+(`checkpoints/`), with the preemption marker. An attempt continues from the newest complete
+checkpoint when `training.resume=true`, or by itself when the first run directory holds a
+preemption marker and the command is the same (a requeued SLURM or submitit job reruns the same
+command). It needs the same settings in every job (a checkpoint of another config cannot be
+continued) and each job's W&B run id, so the resumed attempt logs into the same W&B runs. A fresh
+attempt in reused directories starts clean.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig
 
@@ -19,68 +22,75 @@ from softprompt.core.rundir import RunDir
 from softprompt.train import checkpoints
 
 # keys that may differ between the attempts of one run
-_MAY_CHANGE = {("training", "resume"), ("training", "num_threads"), ("wandb", "mode")}
+_MAY_CHANGE = {("training", "resume"), ("training", "num_threads"), ("wandb", "mode"), ("training", "device")}
+# the checkpoint format this engine writes and reads (trainer_state.json's "format")
+FORMAT = "softprompt-pack/1"
 
 
 @dataclass
 class ResumePoint:
     checkpoint: Path | None = None  # None: start from step 0
-    state: dict[str, Any] = field(default_factory=dict)
-    wandb_run_id: str | None = None
+    wandb_run_ids: list[str | None] = field(default_factory=list)  # per job
 
-    @property
-    def step(self) -> int:
-        return int(self.state.get("global_step", 0))
+    def load(self, device) -> checkpoints.Checkpoint | None:
+        return checkpoints.load(self.checkpoint, map_location=device) if self.checkpoint else None
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return RunDir(run_dir).checkpoints
 
 
-def prepare(cfg: DictConfig, run_dir: Path) -> ResumePoint:
-    """Where this attempt starts; call before the run dir's config.json is rewritten."""
-    ckpt_dir = checkpoint_dir(run_dir)
-    if not cfg.training.resume:
-        # a preempted run rerun as it was started (a requeued SLURM job reruns the same command)
-        # continues by itself; with other settings it is a new run in the same directory
-        preempted = RunDir(run_dir).read_preempted()
-        if preempted and checkpoints.latest_checkpoint(ckpt_dir) is not None and not _changed(cfg, run_dir):
-            print(f"{run_dir} was preempted ({preempted}): resuming it (delete {RunDir(run_dir).preempted} "
-                  "to start over instead)", flush=True)
-            return _resume_from_latest(cfg, run_dir)
-        if ckpt_dir.exists():
-            checkpoints.clear(ckpt_dir)
-        RunDir(run_dir).forget_wandb_run_id()
-        RunDir(run_dir).forget_preempted()
-        return ResumePoint()
-    return _resume_from_latest(cfg, run_dir)
+def prepare(configs: list[DictConfig], run_dirs: list[Path], log=print) -> ResumePoint:
+    """Where this attempt starts; call before the jobs' config.json files are rewritten."""
+    first, root = run_dirs[0], checkpoint_dir(run_dirs[0])
+    if not configs[0].training.resume:
+        preempted = RunDir(first).read_preempted()
+        if preempted and checkpoints.latest_checkpoint(root) is not None and not _changed_any(configs, run_dirs):
+            log(f"{first} was preempted ({preempted}): resuming it (delete {RunDir(first).preempted} "
+                "to start over instead)")
+            return _resume_from_latest(configs, run_dirs, log)
+        if root.exists():
+            checkpoints.clear(root)
+        for out in run_dirs:
+            RunDir(out).forget_wandb_run_id()
+            RunDir(out).forget_preempted()
+        return ResumePoint(wandb_run_ids=[None] * len(run_dirs))
+    return _resume_from_latest(configs, run_dirs, log)
 
 
-def _resume_from_latest(cfg: DictConfig, run_dir: Path) -> ResumePoint:
-    ckpt_dir = checkpoint_dir(run_dir)
-    checkpoints.remove_staging(ckpt_dir)
-    latest = checkpoints.latest_checkpoint(ckpt_dir)
+def _resume_from_latest(configs: list[DictConfig], run_dirs: list[Path], log) -> ResumePoint:
+    root = checkpoint_dir(run_dirs[0])
+    ids = [RunDir(out).read_wandb_run_id() for out in run_dirs]
+    checkpoints.remove_staging(root)
+    if (root / "pack").is_dir():
+        raise UserError(f"{root / 'pack'} holds checkpoints of an earlier version's pack format, which this version "
+                        "cannot continue; start over with training.resume=false")
+    latest = checkpoints.latest_checkpoint(root)
     if latest is None:
-        print(f"training.resume=true but {ckpt_dir} holds no complete checkpoint; starting from step 0", flush=True)
-        return ResumePoint(wandb_run_id=RunDir(run_dir).read_wandb_run_id())
-    _check_same_config(cfg, run_dir)
-    point = ResumePoint(latest, checkpoints.read_state(latest), RunDir(run_dir).read_wandb_run_id())
-    print(f"resuming from {latest} (step {point.step})", flush=True)
-    return point
+        log(f"training.resume=true but {root} holds no complete checkpoint; starting from step 0")
+        return ResumePoint(wandb_run_ids=ids)
+    state = checkpoints.read_state(latest)
+    if state.get("format") != FORMAT:
+        what = ("the single-run format (global_step/epoch/batches_done)" if "global_step" in state
+                else f"format {state.get('format')!r}")
+        raise UserError(f"{latest} is a checkpoint in {what}, which this version cannot continue (it reads "
+                        f"{FORMAT}); start over with training.resume=false")
+    if state["dirs"] != [Path(d).name for d in run_dirs]:
+        raise UserError(f"training.resume=true: the pack checkpointed in {root} held the jobs {state['dirs']}, "
+                        f"this one holds {[Path(d).name for d in run_dirs]}; rerun the same command, or without "
+                        "training.resume to start over")
+    for cfg, out in zip(configs, run_dirs):
+        changed = _changed(cfg, out)
+        if changed:
+            raise UserError(
+                f"training.resume=true but {', '.join(changed)} differ from the run in {out}; resume with the same "
+                "settings, or start a new run (another hydra.run.dir, or training.resume=false)")
+    log(f"resuming from {latest} (step {state['step']})")
+    return ResumePoint(latest, ids)
 
 
-def remember_wandb_id(run_dir: Path, run_id: str | None) -> None:
-    if run_id:
-        RunDir(run_dir).write_wandb_run_id(run_id)
-
-
-def _check_same_config(cfg: DictConfig, run_dir: Path) -> None:
-    changed = _changed(cfg, run_dir)
-    if changed:
-        raise UserError(
-            f"training.resume=true but {', '.join(changed)} differ from the run in {run_dir}; "
-            "resume with the same settings, or start a new run (another hydra.run.dir, or training.resume=false)"
-        )
+def _changed_any(configs: list[DictConfig], run_dirs: list[Path]) -> bool:
+    return any(_changed(cfg, out) for cfg, out in zip(configs, run_dirs))
 
 
 def _changed(cfg: DictConfig, run_dir: Path) -> list[str]:
