@@ -39,10 +39,12 @@ def check(cfg: DictConfig) -> None:
     check_model(cfg.model)
     if cfg.peft.get("init") == "from_run":
         check_prompt_source(cfg)
-    if cfg.wandb.mode == "online":  # auto never fails; online without a usable service does
-        from softprompt.track.wandb_run import resolve_mode
+    from softprompt.track.wandb_run import chosen_mode, resolve_mode
 
-        resolve_mode("online")
+    # auto never fails; online (the command line's, WANDB_MODE's or a preset's) without a usable
+    # service does; a WANDB_MODE that is no mode fails here too
+    if chosen_mode(cfg.wandb.mode) == "online":
+        resolve_mode(cfg.wandb.mode)
 
 
 # --- data ----------------------------------------------------------------------------------------
