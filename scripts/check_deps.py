@@ -8,8 +8,8 @@
 - every declared package is imported somewhere, or is in NOT_IMPORTED with the reason it is
   needed anyway (a plugin or file-format backend that another library loads by name).
 
-Imports are read with `ast` (also the ones inside functions, and `import_extra("module", ...)`); module names map to distributions
-through the installed environment (`importlib.metadata.packages_distributions`), so run it in the
+Imports are read with `ast` (also the ones inside functions, and `import_extra("module", ...)`);
+module names map to distributions through the installed environment (`importlib.metadata.packages_distributions`), so run it in the
 set-up venv. Exit status 1 and one line per problem when they disagree.
 """
 

@@ -108,7 +108,8 @@ def test_the_hydra_command_line_is_where_the_precedence_looks(no_wandb_vars):
 
     assert not HydraConfig.initialized()
     no_wandb_vars.setenv("WANDB_MODE", "disabled")
-    for overrides, mode in ((["experiment=offline"], "disabled"), (["experiment=offline", "wandb.mode=offline"], "offline")):
+    for overrides, mode in ((["experiment=offline"], "disabled"),
+                            (["experiment=offline", "wandb.mode=offline"], "offline")):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             job = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(job)

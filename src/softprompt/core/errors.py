@@ -32,8 +32,8 @@ def import_extra(module: str, extra: str, what: str):
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.split(".")[0] != module.split(".")[0]:
             raise  # the package is there but broken: its own traceback says more
-        raise UserError(f"{what} needs the {module.split('.')[0]} package, which is not installed; "
-                        f"run pip install 'softprompt[{extra}]'") from None
+        package = module.split(".")[0].replace("_", "-")
+        raise UserError(f"{package} is not installed ({what}); run pip install 'softprompt[{extra}]'") from None
 
 
 def is_disk_full(exc: BaseException) -> bool:

@@ -263,7 +263,7 @@ def _wr_runset(wr, spec: DashboardSpec):
 
 def to_report(spec: DashboardSpec):
     """The spec as a `wandb_workspaces` Report; building it needs no network (saving does)."""
-    wr = import_extra("wandb_workspaces.reports.v2", "dashboard", "a W&B dashboard")
+    wr = import_extra("wandb_workspaces.reports.v2", "dashboard", "publishing a dashboard needs it")
 
     blocks = [wr.MarkdownBlock(text=spec.text())]
     for section in spec.sections:

@@ -813,7 +813,7 @@ def report_html(report: Report, plots: list[Path]) -> str:
 
 
 def _pyplot():
-    matplotlib = import_extra("matplotlib", "report", "the report's plots")
+    matplotlib = import_extra("matplotlib", "report", "the report's plots need it")
     matplotlib.use("Agg")  # files only; no display on servers
     import matplotlib.pyplot as plt
 

