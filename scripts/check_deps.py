@@ -9,8 +9,9 @@
   needed anyway (a plugin or file-format backend that another library loads by name).
 
 Imports are read with `ast` (also the ones inside functions, and `import_extra("module", ...)`);
-module names map to distributions through the installed environment (`importlib.metadata.packages_distributions`), so run it in the
-set-up venv. Exit status 1 and one line per problem when they disagree.
+module names map to distributions through the installed environment
+(`importlib.metadata.packages_distributions`), so run it in the set-up venv. Exit status 1 and one
+line per problem when they disagree.
 """
 
 from __future__ import annotations
