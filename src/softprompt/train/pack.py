@@ -615,7 +615,7 @@ def _optimizer_step(lane: Lane, step: int, value: float, logging_steps: int, per
 
 def _epoch_eval(lane: Lane, step: int, per_epoch: int, cfg: DictConfig) -> dict[str, Any]:
     """The lane's held-out perplexity now, as a history row (the loop's per-epoch evaluation)."""
-    result = perplexity(lane.model, lane.data.val_rows, _pad_id(lane), cfg.eval.batch_size * 2,
+    result = perplexity(lane.model, lane.data.val_rows, _pad_id(lane), cfg.training.eval_batch_size,
                         virtual_tokens_in_logits(lane.model), autocast_dtype=autocast_dtype(cfg.eval.precision))
     lane.last_eval = (step, result)
     epoch, batch = divmod(step - 1, per_epoch)

@@ -159,7 +159,7 @@ def _train_and_evaluate(cfg, out, loaded, train_rows, val_rows, prompts, precisi
     try:
         result = train([job], train_rows, tokenizer.pad_token_id, LoopSettings.from_config(cfg, precision),
                        checkpoint_dir=resume.checkpoint_dir(out), resume_from=start.checkpoint,
-                       epoch_eval=EpochEval(val_rows, cfg.eval.batch_size * 2, autocast_dtype(cfg.eval.precision))
+                       epoch_eval=EpochEval(val_rows, cfg.training.eval_batch_size, autocast_dtype(cfg.eval.precision))
                        if cfg.eval.per_epoch else None,
                        run_start=started, stop=stop)
     except NonFiniteLossError as exc:
