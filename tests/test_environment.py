@@ -182,6 +182,19 @@ def test_demo_address_resolution(monkeypatch):
         server_address(None, None)
 
 
+def test_demo_share_link_from_gradio_share(monkeypatch):
+    from softprompt.serve.demo import share_link
+
+    monkeypatch.delenv("GRADIO_SHARE", raising=False)
+    assert share_link() is False
+    for value, share in (("true", True), ("1", True), ("True", True), ("false", False), ("0", False), ("", False)):
+        monkeypatch.setenv("GRADIO_SHARE", value)
+        assert share_link() is share, value
+    monkeypatch.setenv("GRADIO_SHARE", "maybe")
+    with pytest.raises(UserError, match="^GRADIO_SHARE='maybe' is not true or false"):
+        share_link()
+
+
 def test_demo_serves_on_gradio_server_port(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     port = _free_port()
