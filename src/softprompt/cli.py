@@ -118,7 +118,8 @@ def _main() -> None:
             report_and_exit("an override sets a key inside a section the chosen presets leave null (e.g. model.tiny.* "
                             "outside model=tiny-llama|tiny-bloom); remove it or choose the preset that has that section")
         if _is_user_error(exc):
-            report_and_exit(_one_line(exc) + _slurm_hint(exc))
+            hint = _slurm_hint(exc)
+            report_and_exit(_one_line(exc).rstrip(".") + hint if hint else _one_line(exc))
         raise
 
 
