@@ -32,6 +32,27 @@ def test_an_undeclared_import_and_an_unused_dependency_are_reported(tmp_path):
                         "NOT_IMPORTED why it is needed)")
 
 
+def test_an_extra_imported_at_module_level_is_reported(tmp_path):
+    """A package of a feature extra may only be imported inside the function that needs it: PyYAML
+    moved into the `report` extra is reported for each of src's module-level `import yaml`."""
+    text = (ROOT / "pyproject.toml").read_text()
+    text = re.sub(r'\n\s*"PyYAML[^"]*",', "", text, count=1)
+    text = text.replace('report = ["matplotlib>=3.9"]', 'report = ["matplotlib>=3.9", "PyYAML>=6.0"]')
+    (tmp_path / "pyproject.toml").write_text(text)
+    found = check_deps.problems(tmp_path / "pyproject.toml")
+    assert len(found) == 1, found
+    assert re.fullmatch(r"yaml \(pyyaml\): imported at module level by src/softprompt/\S+\.py, but it is only in the "
+                        r"report extra; import it inside the function that needs it", found[0]), found[0]
+
+
+def test_the_extras_are_one_per_feature_and_dev_holds_them_all():
+    decl = check_deps.declared()
+    assert {"sweeps", "matplotlib"} & decl["dependencies"] == set()  # `python train.py` needs neither
+    assert (decl["sweeps"], decl["report"], decl["demo"]) == ({"sweeps"}, {"matplotlib"}, {"gradio"})
+    assert decl["all"] == decl["sweeps"] | decl["report"] | decl["demo"] | decl["dashboard"] | decl["slurm"]
+    assert decl["all"] <= decl["dev"]
+
+
 def test_sweeps_imports_without_warnings():
     """The pinned `sweeps` release imports without a warning reaching the user."""
     import warnings

@@ -16,13 +16,13 @@ from conftest import ROOT, TINY, child_env, compose, run_cli
 from softprompt.core.config import CONF_DIR
 from softprompt.core.errors import UserError
 from softprompt.track.records import read_run
-from softprompt.track.wandb_run import placement
+from softprompt.track.wandb_run import chosen_mode, placement, resolve_mode, run_name
 from softprompt.train.preflight import check_overrides, unused_overrides
 
 # the smallest tiny job: 1 optimizer step, 2 new tokens for one prompt
 QUICK = [o for o in TINY if not o.startswith(("training.max_steps", "eval."))] + [
     "training.max_steps=1", "eval.max_new_tokens=2", "eval.num_heldout_generations=1", "eval.prompts=[Hi]"]
-WANDB_VARS = ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_TAGS", "WANDB_DIR")
+WANDB_VARS = ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_TAGS", "WANDB_DIR", "WANDB_RUN_GROUP", "WANDB_NAME")
 
 
 # --- W&B placement: the command line > the WANDB_* variables > our defaults ---------------------
@@ -37,7 +37,7 @@ def no_wandb_vars(monkeypatch):
 
 def test_placement_defaults_without_variables(no_wandb_vars, tmp_path):
     where = placement(compose(QUICK), tmp_path)
-    assert where == {"project": "softprompt", "entity": None, "tags": [], "dir": str(tmp_path)}
+    assert where == {"project": "softprompt", "entity": None, "group": None, "tags": [], "dir": str(tmp_path)}
 
 
 def test_placement_takes_the_variables(no_wandb_vars, tmp_path):
@@ -45,18 +45,89 @@ def test_placement_takes_the_variables(no_wandb_vars, tmp_path):
     no_wandb_vars.setenv("WANDB_ENTITY", "envteam")
     no_wandb_vars.setenv("WANDB_TAGS", "a, b,,c")
     no_wandb_vars.setenv("WANDB_DIR", str(tmp_path / "w"))
+    no_wandb_vars.setenv("WANDB_RUN_GROUP", "envgroup")
     where = placement(compose(QUICK), tmp_path / "run")
-    assert where == {"project": "envproj", "entity": "envteam", "tags": ["a", "b", "c"], "dir": str(tmp_path / "w")}
+    assert where == {"project": "envproj", "entity": "envteam", "group": "envgroup", "tags": ["a", "b", "c"],
+                     "dir": str(tmp_path / "w")}
 
 
 def test_placement_command_line_beats_the_variables(no_wandb_vars, tmp_path):
     for var in WANDB_VARS:
         no_wandb_vars.setenv(var, "from-env")
-    cfg = compose(QUICK + ["wandb.project=cli", "wandb.entity=team", "wandb.tags=[]", f"wandb.dir={tmp_path}/d"])
-    assert placement(cfg, tmp_path / "run") == {"project": "cli", "entity": "team", "tags": [],
+    cfg = compose(QUICK + ["wandb.project=cli", "wandb.entity=team", "wandb.group=g", "wandb.tags=[]",
+                           f"wandb.dir={tmp_path}/d"])
+    assert placement(cfg, tmp_path / "run") == {"project": "cli", "entity": "team", "group": "g", "tags": [],
                                                 "dir": f"{tmp_path}/d"}
-    # the offline preset's own tags are a setting too, not a default
-    assert placement(compose(["experiment=offline"]), tmp_path)["tags"] == ["offline"]
+
+
+# --- one precedence for every wandb.* key: command line > environment > preset > default -------
+
+
+def test_a_preset_beats_defaults_and_the_environment_beats_a_preset(no_wandb_vars, tmp_path):
+    """`experiment=offline` pins wandb.mode=offline and tags [offline]; a variable the user exported
+    beats them, a key on the command line beats the variable."""
+    preset = ["experiment=offline"]
+    cfg = compose(preset)
+    assert chosen_mode(cfg.wandb.mode, preset) == "offline"
+    assert placement(cfg, tmp_path, preset)["tags"] == ["offline"]
+    no_wandb_vars.setenv("WANDB_MODE", "disabled")
+    no_wandb_vars.setenv("WANDB_TAGS", "mine")
+    assert chosen_mode(cfg.wandb.mode, preset) == "disabled"
+    assert resolve_mode(cfg.wandb.mode, preset) == "disabled"
+    assert placement(cfg, tmp_path, preset)["tags"] == ["mine"]
+    given = [*preset, "wandb.mode=offline", "wandb.tags=[cli]"]
+    no_wandb_vars.setenv("WANDB_MODE", "online")
+    cfg = compose(given)
+    assert chosen_mode(cfg.wandb.mode, given) == "offline"
+    assert placement(cfg, tmp_path, given)["tags"] == ["cli"]
+    # the default mode (auto) takes the variable; wandb's spellings (dryrun, run) are understood
+    for env, mode in (("online", "online"), ("dryrun", "offline"), ("run", "online"), ("", "auto")):
+        no_wandb_vars.setenv("WANDB_MODE", env)
+        assert chosen_mode("auto", []) == mode, env
+    no_wandb_vars.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(UserError, match="^WANDB_MODE='sometimes' is not a W&B mode; set it to online, offline "
+                                        "or disabled, or unset it$"):
+        chosen_mode("auto", [])
+
+
+def test_wandb_name_is_kept_unless_the_command_line_names_the_run(no_wandb_vars):
+    cfg = compose(["training.learning_rate=0.01"])
+    assert run_name(cfg, "vt4", ["training.learning_rate=0.01"]) == "vt4-ep6-lr0.01"
+    no_wandb_vars.setenv("WANDB_NAME", "my-run")
+    assert run_name(cfg, "vt4", ["training.learning_rate=0.01"]) == "my-run"
+    cfg = compose(["wandb.name=cli-run"])
+    assert run_name(cfg, "vt4", ["wandb.name=cli-run"]) == "cli-run"
+
+
+def test_the_hydra_command_line_is_where_the_precedence_looks(no_wandb_vars):
+    """Under `python train.py ...` the overrides come from Hydra's own record of the command line;
+    `run(cfg)` called from Python has none, and then the config it was given counts as chosen."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    assert not HydraConfig.initialized()
+    no_wandb_vars.setenv("WANDB_MODE", "disabled")
+    for overrides, mode in ((["experiment=offline"], "disabled"),
+                            (["experiment=offline", "wandb.mode=offline"], "offline")):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            job = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(job)
+        try:
+            assert chosen_mode(job.wandb.mode) == mode, overrides
+        finally:
+            HydraConfig.instance().cfg = None
+    assert chosen_mode("offline") == "offline"  # no Hydra job: the caller's config
+
+
+def test_wandb_mode_disabled_beats_the_offline_preset_on_the_command_line(tmp_path):
+    """`WANDB_MODE=disabled make run`: the run finishes and writes no W&B files."""
+    job = [o for o in QUICK if not o.startswith("wandb.")]
+    result = run_cli(["experiment=offline", *job, f"hydra.run.dir={tmp_path / 'run'}"],
+                     env={"WANDB_MODE": "disabled"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert not (tmp_path / "run" / "wandb").exists() and "wandb: run" not in result.stdout
 
 
 NOISE = re.compile(r"\[absl\]|Using default tokenizer|is_gradient_checkpointing|FutureWarning|DeprecationWarning")
@@ -109,6 +180,19 @@ def test_demo_address_resolution(monkeypatch):
     monkeypatch.setenv("GRADIO_SERVER_PORT", "http")
     with pytest.raises(UserError, match="GRADIO_SERVER_PORT='http' is not a port number"):
         server_address(None, None)
+
+
+def test_demo_share_link_from_gradio_share(monkeypatch):
+    from softprompt.serve.demo import share_link
+
+    monkeypatch.delenv("GRADIO_SHARE", raising=False)
+    assert share_link() is False
+    for value, share in (("true", True), ("1", True), ("True", True), ("false", False), ("0", False), ("", False)):
+        monkeypatch.setenv("GRADIO_SHARE", value)
+        assert share_link() is share, value
+    monkeypatch.setenv("GRADIO_SHARE", "maybe")
+    with pytest.raises(UserError, match="^GRADIO_SHARE='maybe' is not true or false"):
+        share_link()
 
 
 def test_demo_serves_on_gradio_server_port(tiny_run, tmp_path):

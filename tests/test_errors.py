@@ -7,11 +7,13 @@ is under test). Almost all of them fail in the cheap start-up checks, before tor
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, child_env, run_cli
 
 from softprompt.core.rundir import RunDir
 
@@ -154,3 +156,14 @@ def test_unexpected_errors_keep_their_traceback(tmp_path, raise_line):
     assert "Traceback" in result.stderr
     assert not result.stderr.strip().splitlines()[-1].startswith("error:")
     assert not (run_dir / RunDir.METRICS).exists()
+
+
+def test_slurm_launcher_without_its_extra_names_the_extra(tmp_path):
+    """hydra/launcher=slurm without hydra-submitit-launcher (made unimportable here): one line."""
+    code = ("import runpy, sys; sys.modules['hydra_plugins.hydra_submitit_launcher'] = None; "
+            f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code, "hydra/launcher=slurm", "model=tiny-llama", "--cfg", "hydra"],
+                            cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == ("error: In 'hydra/launcher/slurm': Could not load 'hydra/launcher/submitit_slurm'; "
+                             "the submitit launcher is not installed: run pip install 'softprompt[slurm]'\n")

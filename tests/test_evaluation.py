@@ -168,8 +168,19 @@ def test_rows_with_different_soft_prompts_decode_as_each_alone(tiny):
     assert len(set(together)) > 3  # the prompts change the text
 
 
-def test_generation_shows_progress_for_several_batches(tiny, capfd):
+def test_generation_shows_progress_for_several_batches(tiny, capfd, monkeypatch):
+    """A bar on stderr for several batches; none under TQDM_DISABLE=1 or SOFTPROMPT_QUIET=1."""
     settings = GenerationSettings(max_new_tokens=2)
+    monkeypatch.delenv("SOFTPROMPT_QUIET")
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    generate(tiny.model, tiny.tokenizer, TEXTS[:2], settings, batch_size=1, desc="generating (test)")
+    assert "generating (test)" in capfd.readouterr().err
+    for var, value in (("TQDM_DISABLE", "1"), ("TQDM_DISABLE", "true"), ("SOFTPROMPT_QUIET", "1")):
+        with monkeypatch.context() as env:
+            env.setenv(var, value)
+            generate(tiny.model, tiny.tokenizer, TEXTS[:2], settings, batch_size=1, desc="generating (test)")
+        assert capfd.readouterr().err == "", (var, value)
+    monkeypatch.setenv("TQDM_DISABLE", "0")
     generate(tiny.model, tiny.tokenizer, TEXTS[:2], settings, batch_size=1, desc="generating (test)")
     assert "generating (test)" in capfd.readouterr().err
 

@@ -174,6 +174,11 @@ def _cli_in_process(args: list[str], capsys) -> tuple[int, str]:
             cli.main()
     finally:
         sys.argv = old
+        # Hydra leaves its job's config behind: a later run() called from Python would read this
+        # job's command line as its own (softprompt.track.wandb_run.hydra_overrides)
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().cfg = None
     return exited.value.code, capsys.readouterr().err
 
 

@@ -17,7 +17,7 @@ from softprompt.core.rundir import RunDir
 
 
 def test_a_run_leaves_the_specs_file_names(tiny_run):
-    """The one test that spells SPEC.md's names ("What one run leaves") literally."""
+    """The one test that spells the run directory's documented names literally."""
     run_dir, metrics = tiny_run
     assert {"adapter", "metrics.json", "config.json", "generations.jsonl", "wandb"} <= set(os.listdir(run_dir))
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(run_dir / "adapter"))

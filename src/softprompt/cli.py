@@ -127,8 +127,18 @@ def _main() -> None:
             report_and_exit("an override sets a key inside a section the chosen presets leave null (e.g. model.tiny.* "
                             "outside model=tiny-llama|tiny-bloom); remove it or choose the preset that has that section")
         if _is_user_error(exc):
-            report_and_exit(_one_line(exc))
+            hint = _slurm_hint(exc)
+            report_and_exit(_one_line(exc).rstrip(".") + hint if hint else _one_line(exc))
         raise
+
+
+def _slurm_hint(exc: BaseException) -> str:
+    """hydra/launcher=slurm composes Hydra's submitit launcher, which is the `slurm` extra."""
+    import importlib.util
+
+    if "submitit" not in f"{exc} {exc.__cause__}" or importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher"):
+        return ""
+    return "; the submitit launcher is not installed: run pip install 'softprompt[slurm]'"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -22,6 +22,20 @@ def report_and_exit(message: str) -> NoReturn:
     raise SystemExit(EXIT_USER_ERROR)
 
 
+def import_extra(module: str, extra: str, what: str):
+    """`import module`, or a UserError that names the extra installing it: training needs only the
+    core dependencies, and each other command's packages come with its extra (pyproject.toml)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] != module.split(".")[0]:
+            raise  # the package is there but broken: its own traceback says more
+        package = module.split(".")[0].replace("_", "-")
+        raise UserError(f"{package} is not installed ({what}); run pip install 'softprompt[{extra}]'") from None
+
+
 def is_disk_full(exc: BaseException) -> bool:
     import errno
 

@@ -1,6 +1,6 @@
 """The run directory: every file a run leaves, named once, written atomically.
 
-Layout (SPEC.md, "What one run leaves"):
+Layout (the names users, scripts and the README rely on: keep them):
 
     RUN/
       config.json          the resolved config, data fingerprint, provenance (written at start)

@@ -62,7 +62,8 @@ def base_eval_key(cfg, loaded, validation_rows: list[list[int]], train_rows: lis
         "train_rows": train_rows,
         "prompts": prompt_texts,
         "eval": {k: cfg.eval[k] for k in ("max_new_tokens", "repetition_penalty", "batch_size")}
-        | {"precision": resolve_precision(cfg.eval.precision, model_device(loaded.model))},
+        | {"precision": resolve_precision(cfg.eval.precision, model_device(loaded.model)),
+           "perplexity_batch_size": cfg.training.eval_batch_size},
         "versions": [torch.__version__, transformers.__version__, peft.__version__],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -67,7 +67,7 @@ def evaluate(model, tokenizer, validation_rows: list[list[int]], prompts: list[E
     decodes the prompts of several jobs in one batch): they are not generated again.
     """
     start = time.perf_counter()
-    batch = cfg.eval.batch_size * 2  # no activations kept for backward: twice the generation batch fits
+    batch = cfg.training.eval_batch_size
     dtype = autocast_dtype(cfg.eval.precision, model_device(model))
     ppl = validation_result or perplexity(model, validation_rows, tokenizer.pad_token_id, batch, num_virtual_tokens,
                                           autocast_dtype=dtype, desc=f"held-out perplexity ({label})")

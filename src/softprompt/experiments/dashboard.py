@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from softprompt.core import keys
-from softprompt.core.errors import UserError, report_and_exit
+from softprompt.core.errors import UserError, import_extra, report_and_exit
 from softprompt.core.rundir import RunDir
 from softprompt.track.records import config_value
 
@@ -263,7 +263,7 @@ def _wr_runset(wr, spec: DashboardSpec):
 
 def to_report(spec: DashboardSpec):
     """The spec as a `wandb_workspaces` Report; building it needs no network (saving does)."""
-    import wandb_workspaces.reports.v2 as wr
+    wr = import_extra("wandb_workspaces.reports.v2", "dashboard", "publishing a dashboard needs it")
 
     blocks = [wr.MarkdownBlock(text=spec.text())]
     for section in spec.sections:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from softprompt.core import keys
-from softprompt.core.errors import UserError, report_and_exit
+from softprompt.core.errors import UserError, import_extra, report_and_exit
 from softprompt.core.grid import SEED, flatten, is_setting, point_id
 from softprompt.core.rundir import RunDir
 
@@ -813,8 +813,7 @@ def report_html(report: Report, plots: list[Path]) -> str:
 
 
 def _pyplot():
-    import matplotlib
-
+    matplotlib = import_extra("matplotlib", "report", "the report's plots need it")
     matplotlib.use("Agg")  # files only; no display on servers
     import matplotlib.pyplot as plt
 
@@ -893,6 +892,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="a multirun/sweep dir, or run dirs")
     args = parser.parse_args(argv)
     try:
+        _pyplot()  # a missing extra fails before any run is read
         report = build_report(args.dirs)
         path = write_report(report, args.dirs[0])
     except UserError as exc:

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from softprompt.core import atomic, keys
-from softprompt.core.errors import UserError, report_and_exit
+from softprompt.core.errors import UserError, import_extra, report_and_exit
 from softprompt.core.progress import progress
 from softprompt.core.rundir import RunDir
 
@@ -89,8 +89,7 @@ def _sweeps():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Support for class-based `config` is deprecated")
         warnings.filterwarnings("ignore", message=r"Valid config keys have changed in V2")
-        import sweeps
-    return sweeps
+        return import_extra("sweeps", "sweeps", "the sweep search needs it")
 
 
 def parse_sweep(raw: dict[str, Any], name: str, path: Path | None = None) -> Sweep:

@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from softprompt.core.progress import progress
 from softprompt.models.decode import greedy_decode, supports_lean_decode
 
 
@@ -115,7 +115,7 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     lean = not settings.do_sample and supports_lean_decode(model)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2):
+    for batch in progress(batches, desc=desc):
         ids = [encoded[i] for i in batch]
         width = max(lengths[i] for i in batch)
         # [pads, soft prompt, text]: each row's soft prompt sits right before its first text token

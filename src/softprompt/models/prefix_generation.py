@@ -19,9 +19,9 @@ rows generated different text than alone). So we continue from a pre-filled cach
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
+from softprompt.core.progress import progress
 from softprompt.models.decode import greedy_decode, supports_lean_decode
 from softprompt.models.generation import (
     GenerationSettings,
@@ -63,7 +63,7 @@ def generate_with_prefix(peft_model, tokenizer, prompts: list[str], settings: Ge
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs: dict[int, str] = {}
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2):
+    for batch in progress(batches, desc=desc):
         ids = [encoded[i] or [pad_id] for i in batch]  # an empty prompt still needs one position
         width = max(len(x) for x in ids)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long, device=device)

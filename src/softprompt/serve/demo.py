@@ -7,6 +7,7 @@ and the two most recent stay in memory. The generate
 button is also an API endpoint (`api_name="generate"`) for `gradio_client`.
 Serves on 127.0.0.1:7860 by default; `--host 0.0.0.0` exposes it to the network. Like every Gradio
 app it honours GRADIO_SERVER_NAME / GRADIO_SERVER_PORT; `--host` / `--port` win over them.
+`GRADIO_SHARE=true` also asks Gradio for a public share link (default: none).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import threading
 from collections import OrderedDict
 
 from softprompt.core import keys
-from softprompt.core.errors import UserError, report_and_exit
+from softprompt.core.errors import UserError, import_extra, report_and_exit
 from softprompt.core.rundir import RunDir
 from softprompt.serve.adapters import AdapterInfo, discover
 
@@ -123,7 +124,7 @@ def build(adapters: dict[str, AdapterInfo], base: str | None = None, prompt: str
     """The Gradio Blocks app. `prompt` pre-fills the prompt box (default: the run's first eval
     prompt); with `prerun` the page opens with it already answered (generated once at start-up;
     handy for screenshots and for sharing a finding)."""
-    import gradio as gr
+    gr = import_extra("gradio", "demo", "the demo needs it")
 
     pool = AdapterPool(adapters, base, device=device)
     generate = make_generate(pool)
@@ -192,16 +193,27 @@ def server_address(host: str | None, port: int | None) -> tuple[str, int]:
     return host, port
 
 
+def share_link() -> bool:
+    """GRADIO_SHARE, as Gradio users set it (`true`/`1`): a public *.gradio.live link; default no."""
+    raw = os.environ.get("GRADIO_SHARE", "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise UserError(f"GRADIO_SHARE={raw!r} is not true or false; set it to true for a public link, or unset it")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # no phoning home from a research box: no analytics, no update check
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         host, port = server_address(args.host, args.port)
+        share = share_link()
         adapters = discover(args.path)  # before gradio and torch load: a wrong path fails at once
         demo = build(adapters, base=args.base, prompt=args.prompt, prerun=bool(args.prompt), device=args.device)
     except UserError as exc:
         report_and_exit(str(exc))
     print(f"serving {len(adapters)} adapter(s) from {args.path} on http://{host}:{port}", flush=True)
-    demo.launch(server_name=host, server_port=port, share=False, show_error=True)
+    demo.launch(server_name=host, server_port=port, share=share, show_error=True)
     return 0

@@ -3,8 +3,9 @@ prompts under the same settings (used by scripts/generate.py and scripts/demo.py
 
 The tuned model generates the way its PEFT method's registry entry says
 (`softprompt.models.methods`: soft-prompt embeddings, prefix cache or active LoRA layers), never
-through `PeftModel.generate`, which breaks on batches (see KNOWN.md); the base generates with the
-adapter disabled. The base model is found offline from what the adapter records
+through `PeftModel.generate`, which breaks on batches (on Bloom a batch of more than one prompt
+fails with an ALiBi size mismatch; on SmolLM2 a right-padded batch generates garbage); the base
+generates with the adapter disabled. The base model is found offline from what the adapter records
 (`AdapterInfo.base_model_config`).
 """
 

@@ -3,6 +3,8 @@
 `wandb.mode=auto` logs online when there is a login and the service answers, else offline (and
 says so in one line); it never fails a run. `online` fails early with an `error:` line when the
 service is not usable. Offline runs write the same records and can be uploaded with `wandb sync`.
+Every `wandb.*` setting has one precedence (`setting`): the command line > the variable W&B users
+export (WANDB_MODE, WANDB_PROJECT, ...) > a preset or the YAML default > W&B's own default.
 What a run logs, key by key, is in docs/wandb.md; `python -m softprompt.track.records RUN_DIR` reads
 it back (a tool for tests and dashboards: nothing here imports it).
 """
@@ -28,6 +30,72 @@ from softprompt.core.grid import point_id
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 DEFAULT_PROJECT = "softprompt"
+
+
+# --- settings: the command line > the user's environment > a preset or default --------------------
+
+# each wandb.* key and the variable W&B users export for it (wandb.init reads the same ones)
+ENV_VARS = {"mode": "WANDB_MODE", "project": "WANDB_PROJECT", "entity": "WANDB_ENTITY", "group": "WANDB_RUN_GROUP",
+            "tags": "WANDB_TAGS", "name": "WANDB_NAME", "dir": "WANDB_DIR"}
+# WANDB_MODE as wandb spells it -> wandb.mode
+ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+
+
+def hydra_overrides() -> list[str] | None:
+    """The task overrides of the current Hydra job; None outside one (`run()` called directly)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+    except Exception:  # noqa: BLE001 - settings and naming must never fail a run
+        return None
+
+
+def command_line_keys(overrides: list[str] | None = None) -> set[str] | None:
+    """The config keys a command line sets (`wandb.mode=offline` -> `wandb.mode`).
+
+    `overrides`: a job's command line where Hydra did not parse it (scripts/sweep.py, a pack's
+    jobs); None: the current Hydra job's. None back when there is no command line at all (`run(cfg)`
+    from Python): nothing then tells a preset from a choice, so every value the config holds counts
+    as chosen by the caller.
+    """
+    if overrides is None:
+        overrides = hydra_overrides()
+        if overrides is None:
+            return None
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+
+
+def choose(key: str, value: Any, overrides: list[str] | None = None) -> tuple[Any, str]:
+    """A `wandb.<key>` setting whose config value is `value` (None, or mode `auto`: not set), and
+    where it comes from: `command line` (or `config` for a `run(cfg)` caller), the environment
+    variable's name, `preset` (a YAML value: `experiment=offline`, conf/wandb/default.yaml), or
+    `default` (value None: W&B's own, or ours where the caller has one)."""
+    if key == "mode" and value == "auto":
+        value = None  # auto is no choice: WANDB_MODE still applies
+    given = command_line_keys(overrides)
+    if value is not None and (given is None or f"wandb.{key}" in given):
+        return value, "command line" if given is not None else "config"
+    var = ENV_VARS[key]
+    raw = os.environ.get(var, "").strip()
+    if raw:
+        return _from_env(key, var, raw), var
+    return (value, "preset") if value is not None else (None, "default")
+
+
+def setting(cfg: DictConfig, key: str, overrides: list[str] | None = None) -> tuple[Any, str]:
+    """`choose` for the config's own value of `wandb.<key>`."""
+    return choose(key, cfg.wandb.get(key), overrides)
+
+
+def _from_env(key: str, var: str, raw: str) -> Any:
+    if key == "tags":
+        return [t.strip() for t in raw.split(",") if t.strip()]
+    if key == "mode":
+        if raw.lower() not in ENV_MODES:
+            raise UserError(f"{var}={raw!r} is not a W&B mode; set it to online, offline or disabled, or unset it")
+        return ENV_MODES[raw.lower()]
+    return raw
 
 
 # --- mode ----------------------------------------------------------------------------------------
@@ -67,24 +135,28 @@ def service_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def resolve_mode(requested: str) -> str:
-    """The mode wandb.init gets; `online` without a usable service is a UserError."""
-    env_mode = os.environ.get("WANDB_MODE")
-    if requested in ("offline", "disabled"):
-        return requested
-    if requested == "auto" and env_mode in ("offline", "disabled", "dryrun"):
-        mode = "offline" if env_mode == "dryrun" else env_mode
-        if mode == "offline":
-            print(f"wandb: logging offline (WANDB_MODE={env_mode}); upload later with "
+def chosen_mode(requested: str, overrides: list[str] | None = None) -> str:
+    """`auto`, `online`, `offline` or `disabled`: wandb.mode `requested` after the precedence."""
+    return choose("mode", requested, overrides)[0] or "auto"
+
+
+def resolve_mode(requested: str, overrides: list[str] | None = None) -> str:
+    """The mode wandb.init gets, for the config's wandb.mode `requested`; an `online` (asked for on
+    the command line, by WANDB_MODE or by a preset) without a usable service is a UserError."""
+    mode, source = choose("mode", requested, overrides)
+    said = f"{source}={os.environ.get(source, '').strip()}" if source == ENV_VARS["mode"] else f"wandb.mode={mode}"
+    if mode in ("offline", "disabled"):
+        if mode == "offline" and source == ENV_VARS["mode"]:
+            print(f"wandb: logging offline ({said}); upload later with "
                   "`wandb sync <run dir>/wandb/offline-run-*`", flush=True)
         return mode
     login = has_login()
-    if requested == "online":
+    if mode == "online":
         if not login:
-            raise UserError("wandb.mode=online but no W&B login found; run `wandb login` or set WANDB_API_KEY, "
+            raise UserError(f"{said} but no W&B login found; run `wandb login` or set WANDB_API_KEY, "
                             "or use wandb.mode=offline and `wandb sync` later")
         if not service_reachable():
-            raise UserError(f"wandb.mode=online but the W&B service at {_base_url()} is unreachable; "
+            raise UserError(f"{said} but the W&B service at {_base_url()} is unreachable; "
                             "check the network or WANDB_BASE_URL, or use wandb.mode=offline and `wandb sync` later")
         return "online"
     reachable = login and service_reachable()  # no probe without a login: offline either way
@@ -99,23 +171,21 @@ def resolve_mode(requested: str) -> str:
 # --- placement -----------------------------------------------------------------------------------
 
 
-def placement(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Where the run goes: a key set in the config (the command line) > the variable W&B users
-    already export (WANDB_PROJECT, WANDB_ENTITY, WANDB_TAGS, WANDB_DIR) > our default.
+def placement(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Where the run goes, each key by `setting`'s precedence, else our default (project
+    `softprompt`, the run directory) or W&B's (the login's entity, no group, no tags).
 
-    The YAML leaves these keys null so that an exported variable is not overridden by a default
-    nobody chose; wandb.init would read the variables itself, but resolving here lets the run
-    print and record the project it really went to.
+    wandb.init would read the variables itself, but resolving them here lets the run print and
+    record the project it really went to, and keeps a preset from hiding what the user exported.
     """
-    w = cfg.wandb
-    tags = list(w.tags) if w.tags is not None else [
-        t.strip() for t in os.environ.get("WANDB_TAGS", "").split(",") if t.strip()]
+    value = {key: setting(cfg, key, overrides)[0] for key in ("project", "entity", "group", "tags", "dir")}
     return {
-        "project": w.project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
-        "entity": w.entity or os.environ.get("WANDB_ENTITY") or None,
-        "tags": tags,
+        "project": value["project"] or DEFAULT_PROJECT,
+        "entity": value["entity"] or None,
+        "group": value["group"] or None,
+        "tags": list(value["tags"] or []),
         # W&B writes `<dir>/wandb/`; by default that is inside the run directory, beside metrics.json
-        "dir": str(Path(w.get("dir") or os.environ.get("WANDB_DIR") or run_dir).expanduser()),
+        "dir": str(Path(value["dir"] or run_dir).expanduser()),
     }
 
 
@@ -133,16 +203,6 @@ NAME_PARTS = {
 }
 
 
-def hydra_overrides() -> list[str]:
-    """The task overrides of the current Hydra job (`[]` when `run()` is called directly)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    except Exception:  # noqa: BLE001 - naming must never fail a run
-        return []
-
-
 def run_name(cfg: DictConfig, method_tag: str, overrides: list[str] | None = None) -> str:
     """A name a person can read on a dashboard: `vt8-ep6`, `p_tuning-vt8-ep6-lr0.01`, `lora-r8-ep6`, ...
 
@@ -151,10 +211,11 @@ def run_name(cfg: DictConfig, method_tag: str, overrides: list[str] | None = Non
     then epochs always (the seed's sweep axes); other sweep axes only when the overrides set
     them, so the default run stays short.
     """
-    if cfg.wandb.name:
-        return cfg.wandb.name
+    name, _ = setting(cfg, "name", overrides)  # wandb.name on the command line > WANDB_NAME > a preset's
+    if name:
+        return str(name)
     parts = [method_tag, f"ep{cfg.training.epochs}"]
-    given = {o.split("=", 1)[0].lstrip("+~") for o in (hydra_overrides() if overrides is None else overrides)}
+    given = command_line_keys(overrides) or set()
     for key, label in NAME_PARTS.items():
         if key in given:
             value = _get_path(cfg, key)
@@ -245,7 +306,7 @@ class Tracker:
         run = wandb.init(
             project=where["project"],
             entity=where["entity"],
-            group=cfg.wandb.group,
+            group=where["group"],
             # the runs of one grid point (equal but for the seed) share it: W&B groups their seeds
             job_type=f"point-{point_id(config)}",
             tags=where["tags"],

@@ -625,8 +625,9 @@ def _restore(saved, members: list[Member], loaded) -> tuple[int, list[Lane], lis
 
 def _epoch_eval(lane: Lane, step: int, per_epoch: int, cfg: DictConfig) -> dict[str, Any]:
     """The lane's held-out perplexity now, as a history row (the loop's per-epoch evaluation)."""
-    result = perplexity(lane.model, lane.data.val_rows, _pad_id(lane), cfg.eval.batch_size * 2,
-                        virtual_tokens_in_logits(lane.model), autocast_dtype=autocast_dtype(cfg.eval.precision, model_device(lane.model)))
+    result = perplexity(lane.model, lane.data.val_rows, _pad_id(lane), cfg.training.eval_batch_size,
+                        virtual_tokens_in_logits(lane.model),
+                        autocast_dtype=autocast_dtype(cfg.eval.precision, model_device(lane.model)))
     lane.last_eval = (step, result)
     epoch, batch = divmod(step - 1, per_epoch)
     return {keys.EPOCH: round(epoch + (batch + 1) / per_epoch, 4), keys.TRAIN_STEP: step, keys.EVAL_LOSS: result.loss,

