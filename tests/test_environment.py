@@ -307,7 +307,8 @@ def test_cli_refuses_an_unused_setting_before_loading_anything():
     start = time.monotonic()
     result = run_cli(["peft=prompt_tuning", "peft.lora_r=4", "model=tiny-llama", "dataset=prompts_sample"], timeout=120)
     assert result.returncode == 2
-    assert result.stderr == ("error: peft.lora_r=4 is not used by this run: only peft=lora reads the lora_* keys "
+    assert result.stderr == ("error: peft.lora_r=4 is not used by this run: peft.method=prompt_tuning does not read "
+                             "it (only peft=lora does) "
                              "(peft=prompt_tuning model=tiny-llama dataset=prompts_sample); remove it or choose "
                              "the preset that reads it\n")
     assert time.monotonic() - start < 60
@@ -320,7 +321,8 @@ def test_multirun_over_methods_warns_once_per_job(tmp_path):
     result = run_cli(["-m", "peft=lora,prompt_tuning", "peft.num_virtual_tokens=8", "model=tiny-llama",
                       f"dataset.path={tmp_path}/missing.csv", f"hydra.sweep.dir={tmp_path}/multi"], timeout=180)
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: peft.num_virtual_tokens=8 is not used by this job: LoRA has no virtual tokens "
+    assert warnings == ["warning: peft.num_virtual_tokens=8 is not used by this job: peft.method=lora does not read "
+                        "it (only peft=prompt_tuning, peft=prefix_tuning, peft=p_tuning does) "
                         "(peft=lora model=tiny-llama)"]
     assert result.returncode == 2 and "does not exist" in result.stderr
 

@@ -26,10 +26,8 @@ from softprompt.core.errors import UserError
 # Hydra's config_path needs a directory on disk, which a regular (non-zip) install is
 CONF_DIR = Path(str(resources.files("softprompt") / "conf"))
 
-# the registry's names (softprompt.models.methods.METHODS), repeated here so the config is
-# validated before torch is imported; tests/test_methods.py checks that they agree
-PEFT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning", "lora")
-PEFT_INITS = ("random", "text", "sample_vocab", "from_run")
+# the PEFT methods and their own checks: the torch-free table softprompt.models.methods builds on
+from softprompt.core.method_facts import FACTS, PEFT_METHODS  # noqa: E402
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -206,29 +204,14 @@ def validate(cfg: DictConfig) -> None:
            f"dataset.validation_fraction must be in (0, 1) (got {d.validation_fraction})")
     _check(p.method in PEFT_METHODS, f"peft.method={p.method!r} is not one of {', '.join(PEFT_METHODS)}")
     _check(p.num_virtual_tokens >= 1, f"peft.num_virtual_tokens must be >= 1 (got {p.num_virtual_tokens})")
-    if p.method == "prompt_tuning":
-        _check(p.init in PEFT_INITS, f"peft.init={p.init!r} is not one of {', '.join(PEFT_INITS)}")
-        if p.init == "text":
-            _check(bool(p.init_text and p.init_text.strip()),
-                   "peft.init=text needs peft.init_text (or choose peft.init=random|sample_vocab)")
-        if p.init == "from_run":
-            _check(bool(p.init_from), "peft.init=from_run needs peft.init_from=RUN_DIR (a finished run or its "
-                                      "adapter/ folder)")
+    FACTS[p.method].check(p)  # the method's own settings (softprompt.core.method_facts)
     if p.init_from or p.init == "from_run":
         # p-tuning's prompt comes out of an MLP encoder and prefix tuning's sits in every layer's
         # cache: neither has a (tokens x hidden) input prompt to start from. With prompt tuning,
         # init_from is read only for init=from_run, so one sweep can compare it with init=text
-        _check(p.method == "prompt_tuning",
+        _check("init_from" in FACTS[p.method].keys,
                f"peft.init=from_run / peft.init_from apply to peft.method=prompt_tuning only (got "
                f"peft.method={p.method}): only its prompt is a sequence of input embeddings to start from")
-    if p.method == "p_tuning":
-        _check(p.encoder_hidden_size is not None and p.encoder_hidden_size >= 1,
-               f"peft.encoder_hidden_size must be >= 1 (got {p.encoder_hidden_size})")
-    if p.method == "lora":
-        _check(p.lora_r is not None and p.lora_r >= 1, f"peft.lora_r must be >= 1 (got {p.lora_r})")
-        _check(p.lora_alpha is not None, "peft.lora_alpha must be set for peft.method=lora")
-        _check(p.lora_dropout is not None and 0 <= p.lora_dropout < 1,
-               f"peft.lora_dropout must be in [0, 1) (got {p.lora_dropout})")
     for key in ("epochs", "batch_size", "eval_batch_size", "max_length", "logging_steps"):
         _check(t[key] >= 1, f"training.{key} must be >= 1 (got {t[key]})")
     if t.max_steps is not None:

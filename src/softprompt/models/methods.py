@@ -16,8 +16,9 @@ from a right-padded SmolLM2 batch):
   (`softprompt.models.prefix_generation`);
 - LoRA: the base with the adapter layers injected and active, nothing prepended.
 
-`core.config.PEFT_METHODS` repeats the names so the config can be validated before torch is
-imported (core cannot import models); tests/test_methods.py checks that the two agree.
+The facts the cheap checks need (the keys a method reads, whether its prompt is input embeddings,
+whether it shares the base) live torch-free in softprompt.core.method_facts; each entry here takes
+them from there, so they are said once.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from omegaconf import DictConfig
 
 from softprompt.core.errors import UserError
+from softprompt.core.method_facts import FACTS
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -46,20 +48,28 @@ class Method:
     description: str  # what "tuned" means for this method, for people (demo, model card)
     # (cfg.peft, tokenizer path) -> the PEFT config
     build_config: Callable[[DictConfig, str], "PeftConfig"]
-    # the method prepends learned input embeddings: its logits have num_virtual_tokens positions
-    # before the text, and the prompt can be read back as embeddings
-    soft_prompt: bool
-    # peft.num_virtual_tokens means something for it (the size shown in names and cards)
-    uses_virtual_tokens: bool
     # (peft_model) -> its batched generation function
     generator: Callable[["PeftModel"], GenerateFn]
     # the hidden-state loss of softprompt.models.fast_loss reproduces its training loss
     fast_loss: bool
     # cfg.peft -> the size part of a run name ("vt8", "r8")
     size_tag: Callable[[DictConfig], str]
-    # its wrapper leaves the base model as it is, so several jobs' adapters can sit on one base in
-    # one process (softprompt.train.pack); LoRA injects its layers into the base
-    shares_base: bool
+
+    @property
+    def soft_prompt(self) -> bool:
+        """It prepends learned input embeddings: its logits have num_virtual_tokens positions
+        before the text, and the prompt can be read back as embeddings."""
+        return FACTS[self.name].soft_prompt
+
+    @property
+    def uses_virtual_tokens(self) -> bool:
+        """peft.num_virtual_tokens means something for it (the size shown in names and cards)."""
+        return FACTS[self.name].uses_virtual_tokens
+
+    @property
+    def shares_base(self) -> bool:
+        """Its wrapper leaves the base model as it is (softprompt.train.pack puts several jobs on one base)."""
+        return FACTS[self.name].shares_base
 
     def tag(self, peft_cfg: DictConfig) -> str:
         """The run-name tag: `vt8` for prompt tuning (the seed's method, kept short),
@@ -152,22 +162,22 @@ DEFAULT = "prompt_tuning"
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("prompt_tuning", "prompt_tuning", "PROMPT_TUNING",
            "the base model with the trained soft prompt (input embeddings) before the text",
-           _prompt_tuning_config, soft_prompt=True, uses_virtual_tokens=True, generator=_with_soft_prompt,
-           fast_loss=True, size_tag=_virtual_tokens, shares_base=True),
+           _prompt_tuning_config, generator=_with_soft_prompt,
+           fast_loss=True, size_tag=_virtual_tokens),
     Method("prefix_tuning", "prefix_tuning", "PREFIX_TUNING",
            "the base model with the trained prefix in every layer's key/value cache",
-           _prefix_tuning_config, soft_prompt=False, uses_virtual_tokens=True, generator=_with_prefix_cache,
+           _prefix_tuning_config, generator=_with_prefix_cache,
            # its prompt is not in the input embeddings: the fast loss's [prompt, text] input does not apply
-           fast_loss=False, size_tag=_virtual_tokens, shares_base=True),
+           fast_loss=False, size_tag=_virtual_tokens),
     Method("p_tuning", "p_tuning", "P_TUNING",
            "the base model with the soft prompt from the trained prompt encoder before the text",
-           _p_tuning_config, soft_prompt=True, uses_virtual_tokens=True, generator=_with_soft_prompt,
-           fast_loss=True, size_tag=_virtual_tokens, shares_base=True),
+           _p_tuning_config, generator=_with_soft_prompt,
+           fast_loss=True, size_tag=_virtual_tokens),
     Method("lora", "lora", "LORA",
            "the base model with the trained low-rank (LoRA) updates in its attention projections",
-           _lora_config, soft_prompt=False, uses_virtual_tokens=False, generator=_with_active_adapters,
+           _lora_config, generator=_with_active_adapters,
            # the adapters change every layer: the fast loss's frozen-decoder path does not apply
-           fast_loss=False, size_tag=lambda cfg: f"r{cfg.lora_r}", shares_base=False),
+           fast_loss=False, size_tag=lambda cfg: f"r{cfg.lora_r}"),
 )}
 
 METHODS_BY_TYPE: dict[str, Method] = {m.peft_type: m for m in METHODS.values()}

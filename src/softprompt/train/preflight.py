@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from softprompt.core import cache, hub
 from softprompt.core.config import validate
 from softprompt.core.device import check_device
+from softprompt.core.method_facts import FACTS, facts, readers
 from softprompt.core.errors import UserError
 from softprompt.core.quiet import quiet_third_party
 from softprompt.data.bundled import bundled_path
@@ -162,16 +163,13 @@ def _hub_model_cached(repo_id: str, revision: str | None) -> bool:
 
 # key (or key prefix) -> why this config ignores it, or None where it is used. A key given on the
 # command line that the chosen presets ignore would otherwise vanish without a trace.
-_PROMPT_EMBEDDINGS = ("prompt_tuning", "p_tuning")  # the methods whose prompt is input embeddings
 UNUSED_WHEN: dict[str, Any] = {
-    "peft.num_virtual_tokens": lambda c: "LoRA has no virtual tokens" if c.peft.method == "lora" else None,
-    "peft.init": lambda c: None if c.peft.method == "prompt_tuning" else "only prompt tuning has an init",
-    "peft.init_text": lambda c: _init_text_unused(c),
-    "peft.encoder_hidden_size": lambda c: None if c.peft.method == "p_tuning" else "only p_tuning has a prompt encoder",
-    "peft.lora_": lambda c: None if c.peft.method == "lora" else "only peft=lora reads the lora_* keys",
-    "training.fast_loss": lambda c: (None if c.peft.method in _PROMPT_EMBEDDINGS
-                                     else "the fast loss applies to prompt tuning and p-tuning only"),
-    "eval.nearest_tokens": lambda c: (None if c.peft.method in _PROMPT_EMBEDDINGS
+    # peft.*: the keys the chosen method reads (softprompt.core.method_facts), init_text only with init=text
+    "peft.init_text": lambda c: _peft_key_unused(c, "init_text") or _init_text_unused(c),
+    "peft.": None,
+    "training.fast_loss": lambda c: (None if facts(c.peft.method).soft_prompt
+                                     else f"the fast loss applies to {_soft_prompt_methods()} only"),
+    "eval.nearest_tokens": lambda c: (None if facts(c.peft.method).soft_prompt
                                       else "only a prompt made of input embeddings has nearest tokens"),
     "training.decay_fraction": lambda c: (None if c.training.lr_scheduler == "wsd"
                                           else "only training.lr_scheduler=wsd has a decay phase"),
@@ -182,9 +180,21 @@ UNUSED_WHEN: dict[str, Any] = {
 }
 
 
+def _peft_key_unused(c: DictConfig, key: str) -> str | None:
+    """Why `peft.<key>` is not read by the chosen method (None: it is)."""
+    if key == "method" or key in facts(c.peft.method).keys:
+        return None
+    who = readers(key)
+    if not who:
+        return None  # not a method's key: the schema decides
+    return f"peft.method={c.peft.method} does not read it (only {', '.join(f'peft={m}' for m in who)} does)"
+
+
+def _soft_prompt_methods() -> str:
+    return " and ".join(f.name for f in FACTS.values() if f.soft_prompt)
+
+
 def _init_text_unused(c: DictConfig) -> str | None:
-    if c.peft.method != "prompt_tuning":
-        return "only prompt tuning has an init text"
     return None if c.peft.init == "text" else f"it is read only with peft.init=text, not peft.init={c.peft.init}"
 
 
@@ -208,7 +218,7 @@ def unused_overrides(cfg: DictConfig, overrides: list[str]) -> list[tuple[str, s
         key = override.split("=", 1)[0].lstrip("+~")
         for prefix, rule in UNUSED_WHEN.items():
             if key == prefix or (prefix.endswith((".", "_")) and key.startswith(prefix)):
-                why = rule(cfg)
+                why = rule(cfg) if rule else _peft_key_unused(cfg, key.split(".", 1)[1])
                 if why:
                     found.append((override, why))
                 break
