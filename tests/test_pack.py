@@ -476,3 +476,40 @@ def test_a_packed_multirun_stopped_by_sigterm_exits_143_and_the_rerun_equals_the
             assert mine[key] == pytest.approx(ref[key], rel=1e-6), (i, key)
         assert RunDir(sweep / str(i)).read_generations() == RunDir(tmp_path / "ref" / str(i)).read_generations()
     assert RunDir(sweep / "0").read_preempted() is None
+
+
+def test_a_stop_that_wandb_asks_for_one_run_ends_that_job_only(tmp_path, monkeypatch):
+    """W&B stops one run (its web UI's stop button, a sweep controller's early termination): the
+    run's own `stop_fn` flags its job, which is written as a result at the next step boundary with
+    `sweep/terminated_at_epoch`; the other job of the pack trains to its end, and nothing exits."""
+    from softprompt.track.records import read_run
+    from softprompt.train import pack
+
+    stops = {}
+    real_start = pack.Tracker.start
+
+    def start(cfg, run_dir, config, name, mode, run_id=None, stop_fn=None):
+        stops[Path(run_dir).name] = stop_fn
+        return real_start(cfg, run_dir, config, name, mode=mode, run_id=run_id, stop_fn=stop_fn)
+
+    monkeypatch.setattr(pack.Tracker, "start", start)
+    configs = [compose(FAST + ["training.epochs=2", f"peft.num_virtual_tokens={n}", "wandb.mode=offline",
+                               "training.pack_forward=turns"]) for n in (1, 2)]
+    dirs = [tmp_path / "job-0", tmp_path / "job-1"]
+
+    def press_stop(step: int, tokens: int) -> None:
+        if step == 1:  # W&B calls it from its own thread some time after the request
+            stops["job-1"]()
+
+    members = pack.run_pack(configs, dirs, [[0], [1]], on_step=press_stop)
+    assert [m.state for m in members] == ["finished", "finished"]
+    full, stopped = (RunDir(d).read_metrics() for d in dirs)
+    assert full[keys.TRAIN_STEPS] == 4 and keys.SWEEP_TERMINATED_AT_EPOCH not in full
+    assert stopped[keys.TRAIN_STEPS] == 1 and stopped[keys.SWEEP_TERMINATED_AT_EPOCH] == 0.5  # 2 steps an epoch
+    assert stopped[keys.TRAIN_EPOCHS] == 0.5 and RunDir(dirs[1]).adapter.is_dir()
+    # its last evaluation is of the prompt it was written with (a job ending mid-epoch gets its own)
+    evals = [r for r in RunDir(dirs[1]).read_history() if keys.EVAL_PERPLEXITY in r]
+    assert [r[keys.TRAIN_STEP] for r in evals] == [1]
+    assert evals[-1][keys.EVAL_PERPLEXITY] == pytest.approx(stopped[keys.EVAL_PERPLEXITY], rel=1e-9)
+    run = read_run(dirs[1])
+    assert run.exit_code == 0 and run.summary[keys.SWEEP_TERMINATED_AT_EPOCH] == 0.5

@@ -84,3 +84,6 @@ REQUIRED_METRICS = (
 PACK_JOBS = "pack/jobs"  # jobs trained together in its process
 PACK_FORWARD = "pack/forward"  # concat or turns: how the pack's rows went through the base model
 PACK_TRUNK_STEPS = "pack/trunk_steps"  # optimizer steps it shared with a job of another length
+# a job that W&B stopped (the web UI's stop button, a sweep controller's early termination): the
+# epochs it had trained when it was written as a result (metrics.json has it only then)
+SWEEP_TERMINATED_AT_EPOCH = "sweep/terminated_at_epoch"

@@ -19,7 +19,7 @@ import struct
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 from omegaconf import DictConfig
@@ -293,8 +293,10 @@ class Tracker:
 
     @classmethod
     def start(cls, cfg: DictConfig, run_dir: Path, config: dict[str, Any], name: str, mode: str,
-              run_id: str | None = None) -> "Tracker":
-        """`run_id`: continue that W&B run (a resumed training run), else start a new one."""
+              run_id: str | None = None, stop_fn: Callable[[], None] | None = None) -> "Tracker":
+        """`run_id`: continue that W&B run (a resumed training run), else start a new one.
+        `stop_fn`: called (from W&B's thread) when W&B asks this run to stop; without it, or with a
+        wandb older than 0.31 (no `Settings.stop_fn`), W&B interrupts the whole process."""
         if mode == "disabled":
             return cls(None)  # no wandb import, no wandb/ directory
         import wandb
@@ -318,6 +320,7 @@ class Tracker:
             resume="allow" if run_id else None,
             # a Hydra multirun calls us once per job in one process: never reuse the last run
             reinit="create_new",
+            **_stop_settings(stop_fn),
         )
         try:
             _define_metrics(run)
@@ -374,6 +377,16 @@ class Tracker:
             # `wandb sync` right after the job must see the whole run
             if sync_file and not wait_for_exit_record(sync_file, timeout=10.0):
                 print(f"wandb: warning: {sync_file} has no exit record yet", flush=True)
+
+
+def _stop_settings(stop_fn: Callable[[], None] | None) -> dict[str, Any]:
+    """`wandb.init(settings=...)` with the run's own stop callback, where wandb has the setting:
+    several runs open in one process (a pack) each stop their own job, not the process."""
+    import wandb
+
+    if stop_fn is None or "stop_fn" not in getattr(wandb.Settings, "model_fields", {}):
+        return {}
+    return {"settings": wandb.Settings(stop_fn=stop_fn)}
 
 
 def _define_metrics(run) -> None:

@@ -93,7 +93,7 @@ from softprompt.train import checkpoints, preemption, resume
 from softprompt.train.batches import PaddingCollator, epoch_batches, steps_per_epoch
 from softprompt.train.placement import Placement
 from softprompt.train.schedules import Schedule
-from softprompt.train.step import _forward_backward, log_row, train_step
+from softprompt.train.step import forward_backward, log_row, train_step
 
 CALIBRATION_ROUNDS = 1  # timed rounds per way, after one untimed round each (first-call costs)
 # auto: below this many steps in a pack's longest lane, timing both ways (4 steps' worth) would cost
@@ -153,6 +153,8 @@ class Member:
     metrics: dict[str, Any] = field(default_factory=dict)
     trunk_steps: int = 0  # steps it shared with other jobs (trained once for all of them)
     tracker: Tracker | None = None  # its W&B run, open from the pack's start until it is written
+    stop_requested: bool = False  # W&B asked its run to stop (set from W&B's thread; read between steps)
+    stopped: bool = False  # it ended where W&B stopped it, not at its budget
     pack_seconds: dict[str, float] = field(default_factory=dict)  # the whole pack's wall time, split
 
     def log(self, row: dict[str, Any]) -> None:
@@ -332,15 +334,15 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
         for m in members:
             if m.state in ("pending", "trained"):
                 m.tracker = Tracker.start(m.cfg, m.out, m.config, m.name, mode=wandb_mode,
-                                          run_id=point.wandb_run_ids[m.index])
+                                          run_id=point.wandb_run_ids[m.index], stop_fn=_stopper(m))
                 if m.tracker.run_id:
                     RunDir(m.out).write_wandb_run_id(m.tracker.run_id)
 
     # SIGTERM/SIGUSR1/SIGUSR2 from here on stop the pack at a step boundary (softprompt.train.preemption)
     with preemption.Watch(dirs[0] if main else None) as watch:
         try:
-            _train(members, lanes, waiting, step, loaded, place, clock, forward, calibration, precision, wandb_mode,
-                   log, watch, on_step)
+            _train(members, lanes, waiting, step, loaded, place, clock, forward, calibration, precision, log, watch,
+                   on_step)
         except preemption.Preempted as exc:
             for m in members:
                 if m.tracker is not None:
@@ -357,8 +359,7 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
 
 
 def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], step: int, loaded, place: "Placement",
-           clock: Clock, forward: str, calibration, precision: str, wandb_mode: str, log, watch,
-           on_step) -> None:
+           clock: Clock, forward: str, calibration, precision: str, log, watch, on_step) -> None:
     """Every lane one step at a time, in lock-step, until every job is trained and written."""
     first = members[0].cfg
     settings = first.training
@@ -423,6 +424,12 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
             on_step(step, real_tokens)
         if delay:
             time.sleep(delay)  # test-only: slows a tiny pack so a test can kill it on time
+        # jobs that W&B stopped end here, as results of the steps they trained (every rank alike)
+        pending = [m for lane in lanes for m in lane.members]
+        for m, stop in zip(pending, place.any_of([m.stop_requested for m in pending])):
+            if stop and m.total > step:
+                m.total, m.stopped = step, True
+                _say(log, main)(f"{m.out.name}: W&B stopped its run; writing it at step {step}")
         # evaluations and finished jobs
         trained_now = False
         for lane in list(lanes):
@@ -483,6 +490,16 @@ def _flush_due(waiting: list[Trained], loaded, clock: Clock, log, flush_rows: in
         written = {id(job) for job in due}  # by identity: a Trained holds tensors
         waiting[:] = [job for job in waiting if id(job) not in written]
         clock.eval_s += time.perf_counter() - t0
+
+
+def _stopper(m: Member) -> Callable[[], None]:
+    """The job's W&B stop callback: it flags this job only; the engine ends it at the next step
+    boundary and writes it as a result (the others of its pack go on)."""
+
+    def stop() -> None:
+        m.stop_requested = True
+
+    return stop
 
 
 def _say(log: Callable[[str], None], main: bool) -> Callable[[str], None]:
@@ -656,7 +673,7 @@ def _calibrate(lanes: list[Lane], loaded, place: "Placement", precision: str, lo
         for round_ in range(CALIBRATION_ROUNDS + 1):
             for way in best:
                 t0 = time.perf_counter()
-                _forward_backward(lanes, batches, loaded.model, way, place.device,
+                forward_backward(lanes, batches, loaded.model, way, place.device,
                                   torch.bfloat16 if precision == "bf16" else None)
                 seconds = time.perf_counter() - t0
                 for lane in lanes:
@@ -687,7 +704,8 @@ def _trained(m: Member, lane: Lane, precision: str, started: float, real_tokens:
         keys.TRAIN_TIME_TO_FIRST_STEP_PROCESS_S: first_step[1] if first_step else None,
         keys.TRAIN_RESUMED_FROM_STEP: resumed_from,
         keys.PACK_JOBS: len(m.config["pack"]["members"]), keys.PACK_FORWARD: forward,
-        keys.PACK_TRUNK_STEPS: m.trunk_steps})
+        keys.PACK_TRUNK_STEPS: m.trunk_steps} | (
+        {keys.SWEEP_TERMINATED_AT_EPOCH: epoch + (batch + 1) / per_epoch} if m.stopped else {}))
 
 
 @contextlib.contextmanager

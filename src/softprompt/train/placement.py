@@ -46,6 +46,16 @@ class Placement:
         """The frozen base on the engine's device (its dtype is the loader's: model.dtype)."""
         return module.to(self.device)
 
+    def any_of(self, flags: list[bool]) -> list[bool]:
+        """Each flag set on any rank (W&B's stop requests reach rank 0 only)."""
+        if self.world == 1 or not flags:
+            return flags
+        import torch.distributed as dist
+
+        mask = torch.tensor([int(f) for f in flags], dtype=torch.long, device=self.device)
+        dist.all_reduce(mask, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in mask.tolist()]
+
     def any_rank(self, signum: int | None) -> int | None:
         """A preemption signal seen by any rank, so that every rank stops after the same step."""
         if self.world == 1:

@@ -41,7 +41,7 @@ def train_step(lanes: list, batches: list[dict[str, torch.Tensor]], base, step: 
                device: torch.device, autocast: torch.dtype | None, world: int = 1) -> StepResult:
     """Step `step` (0-based) of every lane on its batch (`batches[i]` for `lanes[i]`, on the host)."""
     local_tokens = [len(b["labelled"]) for b in batches]  # the rows' own tokens, counted on the host
-    values = _forward_backward(lanes, batches, base, forward, device, autocast)
+    values = forward_backward(lanes, batches, base, forward, device, autocast)
     if world > 1:
         values, tokens = _over_ranks(lanes, values, local_tokens, device, world)
     else:
@@ -73,7 +73,7 @@ def log_row(step: int, loss: float, lr: float, grad_norm: float, per_epoch: int)
             keys.TRAIN_STEP: step + 1, keys.EPOCH: round(epoch + (batch + 1) / per_epoch, 4)}
 
 
-def _forward_backward(lanes: list, batches: list[dict], base, forward: str, device: torch.device,
+def forward_backward(lanes: list, batches: list[dict], base, forward: str, device: torch.device,
                       autocast: torch.dtype | None) -> list[float]:
     """Each lane's loss value on this rank; gradients are in each lane's prompt. A lane whose loss
     is not finite gets no backward."""
