@@ -284,6 +284,17 @@ def _git_commit() -> str | None:
         return None
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _cpu_flags() -> list[str]:
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
@@ -459,7 +470,7 @@ def measure(argv=None) -> dict:
                     "train_rows": len(splits.train),
                     "batch_size": args.batch_size, "timed_steps": steps, "warmup_steps": args.warmup_steps,
                     "precision": precision, "threads": threads, "overrides": list(args.set), "device": str(device),
-                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()}
+                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()}
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     # measured before and after training, the larger kept: one reading can be disturbed by load
     peak_before = matmul_peak_flops(dtype, device=device)
