@@ -72,6 +72,21 @@ def test_rejects_other_files_and_corruption(direct_run, tmp_path):
         list(iter_records(corrupt))
 
 
+def test_a_file_torn_before_its_header_holds_no_records(direct_run, tmp_path):
+    """A run killed before its writer flushed the 7-byte header (wandb 0.19.10 left an empty file
+    after a SIGKILL) has no records yet; a short file of other bytes is still no run file."""
+    run_dir, _, _ = direct_run
+    [path] = list(run_dir.rglob("run-*.wandb"))
+    for n in (0, 3, 6):
+        torn = tmp_path / f"run-{n}.wandb"
+        torn.write_bytes(path.read_bytes()[:n])
+        assert list(iter_records(torn)) == []
+    other = tmp_path / "run-other.wandb"
+    other.write_bytes(b"abc")
+    with pytest.raises(RecordFileError, match="too short for a W&B run file"):
+        list(iter_records(other))
+
+
 def test_torn_tail_keeps_the_complete_records(direct_run, tmp_path):
     run_dir, _, _ = direct_run
     [path] = list(run_dir.rglob("run-*.wandb"))

@@ -54,6 +54,10 @@ def iter_records(path: str | Path) -> Iterator[Any]:
 
     data = Path(path).read_bytes()
     if len(data) < HEADER.size:
+        # a run killed before its writer flushed the header (seen with wandb 0.19.10: an empty
+        # file after a SIGKILL) holds no record yet: a torn file, not a foreign one
+        if HEADER.pack(HEADER_IDENT, HEADER_MAGIC, 0).startswith(data):
+            return
         raise RecordFileError(f"{path}: too short for a W&B run file")
     ident, magic, version = HEADER.unpack_from(data)
     if ident != HEADER_IDENT or magic != HEADER_MAGIC:
