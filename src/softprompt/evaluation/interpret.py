@@ -19,6 +19,11 @@ TABLE_KEY = "peft/prompt_tokens"
 TABLE_COLUMNS = ["position", "nearest_tokens", "top_cosine", "cosine_to_init", "l2_to_init", "l2_norm"]
 
 
+# rows of the embedding matrix compared at once: an fp32 copy of 8192 x 4096 is 128 MiB, where a
+# normalised fp32 copy of a whole Llama-3 matrix (128,256 x 4,096) would be 2 GiB more
+CHUNK_ROWS = 8192
+
+
 @torch.no_grad()
 def nearest_tokens(prompt: torch.Tensor, embeddings: torch.Tensor, tokenizer, k: int = 5,
                    initial: torch.Tensor | None = None) -> list[dict[str, Any]]:
@@ -26,19 +31,30 @@ def nearest_tokens(prompt: torch.Tensor, embeddings: torch.Tensor, tokenizer, k:
 
     `embeddings` is the model's input-embedding matrix (vocab, hidden); rows beyond the
     tokenizer's vocabulary (padding to a multiple of 64, say) are not tokens and are skipped.
+    It is read in chunks of CHUNK_ROWS, each compared in fp32 on the matrix's device.
     `initial` is the prompt before training; without it the distances are omitted.
     """
+    vocab = min(len(tokenizer), embeddings.shape[0])
+    unit = F.normalize(prompt.detach().float(), dim=-1).to(embeddings.device)
+    best_values = torch.empty(unit.shape[0], 0, device=embeddings.device)
+    best_ids = torch.empty(unit.shape[0], 0, dtype=torch.long, device=embeddings.device)
+    for start in range(0, vocab, CHUNK_ROWS):
+        rows = embeddings.detach()[start:min(start + CHUNK_ROWS, vocab)].float()
+        sims = unit @ F.normalize(rows, dim=-1).T  # (nv, chunk) cosine
+        values = torch.cat([best_values, sims], dim=-1)
+        ids = torch.cat([best_ids, torch.arange(start, start + rows.shape[0], device=sims.device)
+                         .expand(sims.shape[0], -1)], dim=-1)
+        top = values.topk(min(k, values.shape[-1]), dim=-1)
+        best_values, best_ids = top.values, ids.gather(-1, top.indices)
     prompt = prompt.detach().float().cpu()
-    vocab = embeddings.detach().float().cpu()[: len(tokenizer)]
-    sims = F.normalize(prompt, dim=-1) @ F.normalize(vocab, dim=-1).T  # (nv, vocab) cosine
-    top = sims.topk(min(k, vocab.shape[0]), dim=-1)
+    best_values, best_ids = best_values.cpu(), best_ids.cpu()
     rows = []
     for pos in range(prompt.shape[0]):
-        ids = top.indices[pos].tolist()
+        ids = best_ids[pos].tolist()
         row: dict[str, Any] = {
             "position": pos,
             "neighbours": [{"id": i, "token": tokenizer.decode([i]), "cosine": round(float(c), 6)}
-                           for i, c in zip(ids, top.values[pos].tolist())],
+                           for i, c in zip(ids, best_values[pos].tolist())],
             "l2_norm": float(prompt[pos].norm()),
         }
         if initial is not None:
