@@ -49,7 +49,8 @@ def test_the_extras_are_one_per_feature_and_dev_holds_them_all():
     decl = check_deps.declared()
     assert {"sweeps", "matplotlib"} & decl["dependencies"] == set()  # `python train.py` needs neither
     assert (decl["sweeps"], decl["report"], decl["demo"]) == ({"sweeps"}, {"matplotlib"}, {"gradio"})
-    assert decl["all"] == decl["sweeps"] | decl["report"] | decl["demo"] | decl["dashboard"] | decl["slurm"]
+    assert decl["all"] == (decl["sweeps"] | decl["report"] | decl["demo"] | decl["dashboard"] | decl["slurm"]
+                           | decl["quantization"])
     assert decl["all"] <= decl["dev"]
 
 

@@ -29,11 +29,16 @@ CONF_DIR = Path(str(resources.files("softprompt") / "conf"))
 # the PEFT methods and their own checks: the torch-free table softprompt.models.methods builds on
 from softprompt.core.method_facts import FACTS, PEFT_METHODS  # noqa: E402
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+QUANTIZATIONS = ("8bit", "4bit")  # softprompt.models.quantization
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRECISIONS = ("auto", "fp32", "bf16")
 PACK_FORWARDS = ("auto", "concat", "turns")  # softprompt.train.pack
-MODEL_SOURCES = ("pretrained", "gguf_package", "tiny")
+MODEL_SOURCES = ("pretrained", "gguf_package", "tiny", "shape")
+# randomly initialised bases built from a config, not loaded: rebuilt from the recorded config
+BUILT_SOURCES = ("tiny", "shape")
 TINY_ARCHITECTURES = ("bloom", "llama")
+SHAPE_ARCHITECTURES = ("llama",)  # softprompt.models.shapes
 SCHEDULERS = ("linear", "cosine", "constant", "wsd")  # softprompt.train.schedules
 
 
@@ -44,6 +49,15 @@ class TinyModelConfig:
     num_layers: int = MISSING
     num_heads: int = MISSING
     vocab_size: int = MISSING
+    initializer_range: float = MISSING
+
+
+@dataclass
+class ShapeConfig:
+    """A public checkpoint's architecture with random weights (conf/model/shape-*.yaml)."""
+    architecture: str = MISSING
+    # the published config.json's shape fields, passed to the architecture's transformers config
+    config: dict[str, Any] = MISSING
     initializer_range: float = MISSING
 
 
@@ -61,6 +75,11 @@ class ModelConfig:
     # null: the kernel measured fastest for the architecture (see softprompt.models.loading)
     attn_implementation: Optional[str] = MISSING
     tiny: Optional[TinyModelConfig] = MISSING  # the source=tiny presets set it; null otherwise
+    shape: Optional[ShapeConfig] = MISSING  # the source=shape presets set it; null otherwise
+    # accelerate's big-model placement (auto: across the GPUs, then CPU memory); null: one device
+    device_map: Optional[str] = MISSING
+    # bitsandbytes: the frozen base's linear layers in 8 or 4 bits (null: model.dtype throughout)
+    quantization: Optional[str] = MISSING
     # the frozen base's weights (the prompt and its optimizer stay fp32): softprompt.core.precision
     dtype: str = MISSING
 
@@ -115,6 +134,10 @@ class TrainingConfig:
     precision: str = MISSING
     group_by_length: bool = MISSING
     torch_compile: bool = MISSING
+    # recompute each decoder layer's activations in the backward pass instead of keeping them
+    gradient_checkpointing: bool = MISSING
+    # under torchrun: shard the frozen decoder layers across the ranks (FSDP2), the prompt replicated
+    fsdp: bool = MISSING
     fast_loss: bool = MISSING  # prompt tuning: lm_head only on labelled positions (softprompt.models.fast_loss)
     num_threads: Optional[int] = MISSING
     resume: bool = MISSING
@@ -193,6 +216,18 @@ def validate(cfg: DictConfig) -> None:
             _check(m.tiny[key] >= 1, f"model.tiny.{key} must be >= 1 (got {m.tiny[key]})")
         _check(m.tiny.hidden_size % m.tiny.num_heads == 0,
                "model.tiny.hidden_size must be a multiple of model.tiny.num_heads")
+    if m.source == "shape":
+        _check(m.shape is not None, "model.source=shape needs model.shape (pick model=shape-llama-1b or "
+                                    "model=shape-llama-8b)")
+        _check(m.shape.architecture in SHAPE_ARCHITECTURES,
+               f"model.shape.architecture={m.shape.architecture!r} is not one of {', '.join(SHAPE_ARCHITECTURES)}")
+        _check(int(m.shape.config.get("vocab_size") or 0) >= 1, "model.shape.config.vocab_size must be >= 1")
+    if m.device_map is not None:
+        _check(m.device_map in DEVICE_MAPS,
+               f"model.device_map={m.device_map!r} is not one of {', '.join(DEVICE_MAPS)} (or null)")
+    if m.quantization is not None:
+        _check(m.quantization in QUANTIZATIONS,
+               f"model.quantization={m.quantization!r} is not one of {', '.join(QUANTIZATIONS)} (or null)")
     if m.source == "gguf_package":
         _check(bool(m.gguf_file), "model.source=gguf_package needs model.gguf_file")
     _check(bool(d.path or d.bundled or d.hub_id),
@@ -212,6 +247,9 @@ def validate(cfg: DictConfig) -> None:
         _check("init_from" in FACTS[p.method].keys,
                f"peft.init=from_run / peft.init_from apply to peft.method=prompt_tuning only (got "
                f"peft.method={p.method}): only its prompt is a sequence of input embeddings to start from")
+    if t.gradient_checkpointing and FACTS[p.method].no_checkpointing:
+        raise UserError(f"training.gradient_checkpointing=true cannot serve peft.method={p.method}: "
+                        f"{FACTS[p.method].no_checkpointing}")
     for key in ("epochs", "batch_size", "eval_batch_size", "max_length", "logging_steps"):
         _check(t[key] >= 1, f"training.{key} must be >= 1 (got {t[key]})")
     if t.max_steps is not None:

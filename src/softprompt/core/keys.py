@@ -58,6 +58,10 @@ TRAIN_LEARNING_RATE = "train/learning_rate"
 TRAIN_GRAD_NORM = "train/grad_norm"
 TRAIN_STEP = "train/global_step"
 
+# memory: the process's peaks when the job's outputs are written (a pack's jobs share one process)
+MEMORY_PEAK_RSS_BYTES = "memory/peak_rss_bytes"  # resident set (the CPU's memory)
+MEMORY_CUDA_PEAK_ALLOCATED_BYTES = "memory/cuda_peak_allocated_bytes"  # on a CUDA device only
+
 # W&B tables
 GENERATIONS_TABLE = "eval/generations"
 

@@ -38,6 +38,8 @@ class MethodFacts:
     # one process (softprompt.train.pack); LoRA injects its layers into the base
     shares_base: bool
     check: Callable[[DictConfig], None]  # its own settings (cfg.peft): UserError when one is wrong
+    # why training.gradient_checkpointing cannot serve it (None: it can)
+    no_checkpointing: str | None = None
 
 
 def _no_checks(p: DictConfig) -> None:
@@ -70,7 +72,11 @@ FACTS: dict[str, MethodFacts] = {f.name: f for f in (
     MethodFacts("prompt_tuning", ("num_virtual_tokens", "init", "init_text", "init_from"), soft_prompt=True,
                 uses_virtual_tokens=True, shares_base=True, check=_check_prompt_tuning),
     MethodFacts("prefix_tuning", ("num_virtual_tokens",), soft_prompt=False, uses_virtual_tokens=True,
-                shares_base=True, check=_no_checks),
+                shares_base=True, check=_no_checks,
+                # measured (transformers 5.25, peft 0.21): the layers drop the cache, and the shapes
+                # no longer match; PEFT itself refuses it when checkpointing is on before wrapping
+                no_checkpointing="its prefix reaches every layer as a key/value cache, and transformers' "
+                                 "checkpointed layers run without a cache"),
     MethodFacts("p_tuning", ("num_virtual_tokens", "encoder_hidden_size"), soft_prompt=True,
                 uses_virtual_tokens=True, shares_base=True, check=_check_p_tuning),
     MethodFacts("lora", ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"), soft_prompt=False,

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from softprompt.core.errors import UserError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -24,6 +26,31 @@ def cpu_has_bf16_matmul() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def cpu_has_fp16_matmul() -> bool:
+    """AVX512-FP16 or AMX-FP16 (Sapphire Rapids and later): elsewhere a CPU computes fp16 matmuls
+    by converting to fp32, slower than fp32 weights and no more exact than bf16."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_fp16" in flags or "amx_fp16" in flags
+
+
+def native_fp16(device: torch.device | str = "cpu") -> bool:
+    """Whether `device` runs fp16 matmuls natively (every CUDA GPU and Apple GPU does)."""
+    device = torch.device(device)
+    if device.type in ("cuda", "mps"):
+        return True
+    return device.type == "cpu" and cpu_has_fp16_matmul()
+
+
+def check_base_dtype(name: str, device: torch.device | str) -> None:
+    """`model.dtype=float16` on a device without fp16 matmuls is a bad input (UserError)."""
+    if name == "float16" and not native_fp16(device):
+        raise UserError(f"model.dtype=float16 but this {torch.device(device).type.upper()} has no fp16 matrix "
+                        "units (AVX512-FP16 or AMX-FP16); use bfloat16 (or float32)")
 
 
 def native_bf16(device: torch.device | str = "cpu") -> bool:

@@ -22,7 +22,7 @@ import transformers
 from omegaconf import DictConfig
 
 from softprompt.core import cache
-from softprompt.core.config import resolved
+from softprompt.core.config import BUILT_SOURCES, resolved
 from softprompt.core.precision import model_device, resolve_precision
 from softprompt.evaluation.evaluate import EvalPrompt, ModelEval, evaluate
 from softprompt.evaluation.perplexity import PerplexityResult
@@ -32,9 +32,9 @@ SCHEMA = 2  # bump when what is stored (or how it is computed) changes
 
 def _weights_identity(loaded, model_cfg) -> object:
     """What names the exact weights: files (size, mtime) of a local dir; the Hub commit otherwise."""
-    if model_cfg.source == "tiny":
+    if model_cfg.source in BUILT_SOURCES:
         # built from the config with a fixed seed; the versions in the key cover the init code
-        return "tiny"
+        return model_cfg.source
     path = Path(loaded.base_path)
     if path.is_dir():
         return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir()

@@ -276,7 +276,7 @@ def eval_and_generation(cfg, loaded, model, val_rows, n_virtual: int, splits, au
             "generation_share_of_bound": (generated / gen_s) / bound}
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
@@ -284,7 +284,7 @@ def _git_commit() -> str | None:
         return None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -339,7 +339,11 @@ def physical_cores() -> int:
 def main(argv=None) -> int:
     """`python scripts/bench.py ...` / the console script softprompt-bench: prints the JSON.
     With `--sweep SWEEP.yaml`: a sweep alone-per-job vs shared (softprompt.experiments.sweep_bench).
-    With `--run-split`: where the wall time of one `make run` goes (`run_split`)."""
+    With `--run-split`: where the wall time of one `make run` goes (`run_split`).
+    With `--memory`: peak memory per base and setting (softprompt.experiments.memory_bench)."""
+    from softprompt.core.quiet import quiet_third_party
+
+    quiet_third_party()  # before PEFT is imported: with bitsandbytes installed, its import talks
     args = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--sweep" or a.startswith("--sweep=") for a in args):
         from softprompt.experiments.sweep_bench import main as sweep_main
@@ -347,6 +351,11 @@ def main(argv=None) -> int:
         return sweep_main(args)
     if "--run-split" in args:
         run_split(args)
+        return 0
+    if "--memory" in args:
+        from softprompt.experiments.memory_bench import run_memory
+
+        run_memory(args)
         return 0
     measure(argv)
     return 0
@@ -360,11 +369,20 @@ MAKE_RUN = ["experiment=offline"]
 SPLIT = ("startup_s", "base_eval_s", "train_s", "tuned_eval_s", "save_s", "finish_s")
 
 
-def _train_command(overrides: list[str]) -> list[str]:
+def train_command(overrides: list[str]) -> list[str]:
     """`python train.py OVERRIDES` in a checkout (what `make run` runs), `python -m softprompt` else."""
     checkout = Path(__file__).resolve().parents[3]
     entry = [str(checkout / "train.py")] if (checkout / "train.py").is_file() else ["-m", "softprompt"]
     return [sys.executable, *entry, *overrides]
+
+
+def train_env() -> dict:
+    """The environment of a training child: this softprompt first on its path (also for `python -m
+    softprompt`), and its own wandb-core (not the parent's service), as `make run` has."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    return env
 
 
 def split_of_run(wall_s: float, metrics: dict) -> dict:
@@ -408,10 +426,8 @@ def run_split(argv: list[str]) -> dict:
 
     overrides = [*MAKE_RUN, *args.set]
     with tempfile.TemporaryDirectory(prefix="softprompt-run-split-") as tmp:
-        command = _train_command([*overrides, f"hydra.run.dir={tmp}"])
-        env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # its own wandb-core, as make run
-        src = str(Path(__file__).resolve().parents[2])  # this softprompt, also for `python -m softprompt`
-        env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+        command = train_command([*overrides, f"hydra.run.dir={tmp}"])
+        env = train_env()
         load_before = os.getloadavg()
         start = time.perf_counter()
         proc = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -421,7 +437,7 @@ def run_split(argv: list[str]) -> dict:
             raise SystemExit(f"error: the run failed (exit status {proc.returncode}): {' '.join(command)}")
         metrics = RunDir(tmp).read_metrics()
     result = {"run_split": {"command": "python train.py " + " ".join(overrides), **split_of_run(wall, metrics)},
-              "run_info": {"cpu_flags": _cpu_flags(), "commit": _git_commit(), "load_average_before": load_before,
+              "run_info": {"cpu_flags": _cpu_flags(), "commit": git_commit(), "load_average_before": load_before,
                            "load_average_after": os.getloadavg()}}
     split = result["run_split"]
     for key in SPLIT:
@@ -470,7 +486,7 @@ def measure(argv=None) -> dict:
                     "train_rows": len(splits.train),
                     "batch_size": args.batch_size, "timed_steps": steps, "warmup_steps": args.warmup_steps,
                     "precision": precision, "threads": threads, "overrides": list(args.set), "device": str(device),
-                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()}
+                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()}
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     # measured before and after training, the larger kept: one reading can be disturbed by load
     peak_before = matmul_peak_flops(dtype, device=device)
@@ -509,7 +525,7 @@ def measure(argv=None) -> dict:
 
     result["run_info"] = {"torch": torch.__version__, "transformers": transformers.__version__,
                           "peft": peft.__version__, "python": platform.python_version(),
-                          "cpu_flags": _cpu_flags(), "commit": _git_commit()}
+                          "cpu_flags": _cpu_flags(), "commit": git_commit()}
     text = json.dumps(result, indent=2)
     print(text, flush=True)
     if args.out:

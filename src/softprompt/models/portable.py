@@ -7,8 +7,9 @@ portable identity, never a path of the machine that trained:
 - the packaged SmolLM2 (`source: gguf_package`): the Hub repository the GGUF came from,
   `model.hub_id` (`HuggingFaceTB/SmolLM2-135M-Instruct`), although the weights trained on are its
   Q4_1-dequantised copy (the model card says so);
-- a tiny random model (`source: tiny`): `softprompt/<preset>` (`softprompt/tiny-llama`), a name,
-  not a Hub repository: the model is rebuilt from the config recorded beside it.
+- a tiny random model (`source: tiny`) or a large shape (`source: shape`): `softprompt/<preset>`
+  (`softprompt/tiny-llama`), a name, not a Hub repository: the model is rebuilt from the config
+  recorded beside it.
 
 The adapter record (`RunDir.ADAPTER_RECORD`, written by the run directory) keeps what this machine loaded (`base_model`: the converted or
 built local directory; `tokenizer`) and the model config that rebuilds it anywhere (`model`);
@@ -24,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from softprompt.core import atomic, keys
-from softprompt.core.config import resolved
+from softprompt.core.config import BUILT_SOURCES, resolved
 from softprompt.core.rundir import RunDir
 
 CARD_FILE = "README.md"
@@ -34,7 +35,7 @@ def portable_id(model_cfg: DictConfig) -> str:
     """The base model's name for `adapter_config.json` (see the module docstring)."""
     if model_cfg.get("hub_id"):
         return str(model_cfg.hub_id)
-    if model_cfg.source == "tiny":
+    if model_cfg.source in BUILT_SOURCES:
         return f"softprompt/{model_cfg.name_or_path}"
     return str(model_cfg.name_or_path)
 
@@ -105,7 +106,7 @@ def model_card(cfg: DictConfig, metrics: dict[str, Any]) -> str:
         lines += [f"Note: trained on the weights of `{cfg.model.gguf_file}` (package `{cfg.model.name_or_path}`), "
                   f"dequantised from Q4_1 to fp32, not on the original weights of `{base_id}`; on those the "
                   "adapter works, but its perplexities above were measured on the dequantised ones.", ""]
-    if cfg.model.source == "tiny":
+    if cfg.model.source in BUILT_SOURCES:
         lines += [f"Note: `{base_id}` is a randomly initialised model that softprompt rebuilds from the config in "
                   f"`{RunDir.ADAPTER_RECORD}`; it is not on the Hub.", ""]
     lines += ["## Use", "", "```",

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from softprompt.core import keys
+from softprompt.core.config import BUILT_SOURCES
 from softprompt.core.errors import UserError
 from softprompt.core.rundir import RunDir
 from softprompt.models.portable import portable_id
@@ -111,13 +112,14 @@ def check_same_base(source: Source, model_cfg: DictConfig) -> None:
     if hidden is not None and source.hidden_size is not None and hidden != source.hidden_size:
         raise UserError(f"{where} has hidden size {source.hidden_size}, this run's {here} has {hidden}; "
                         "a soft prompt transfers only between runs of the same base model")
-    recorded_tiny = (source.model or {}).get("tiny")
-    if model_cfg.source == "tiny" and recorded_tiny:
-        tiny = OmegaConf.to_container(model_cfg.tiny, resolve=True)
-        differ = sorted(k for k in set(tiny) | set(recorded_tiny) if tiny.get(k) != recorded_tiny.get(k))
+    group = model_cfg.source  # tiny or shape: the settings that build the random model
+    recorded_built = (source.model or {}).get(group) if group in BUILT_SOURCES else None
+    if recorded_built:
+        built = OmegaConf.to_container(model_cfg[group], resolve=True)
+        differ = sorted(k for k in set(built) | set(recorded_built) if built.get(k) != recorded_built.get(k))
         if differ:  # the same preset name, another shape: another random model
-            raise UserError(f"{where} was trained on {here} with other model.tiny settings ("
-                            + ", ".join(f"{k}: {recorded_tiny.get(k)} there, {tiny.get(k)} here" for k in differ)
+            raise UserError(f"{where} was trained on {here} with other model.{group} settings ("
+                            + ", ".join(f"{k}: {recorded_built.get(k)} there, {built.get(k)} here" for k in differ)
                             + "); a soft prompt transfers only between runs of the same base model")
 
 
@@ -125,6 +127,8 @@ def _hidden_size(model_cfg: DictConfig) -> int | None:
     """The base's hidden size where JSON tells it (tiny presets, a local model dir); else None."""
     if model_cfg.source == "tiny":
         return int(model_cfg.tiny.hidden_size)
+    if model_cfg.source == "shape":
+        return int(model_cfg.shape.config.hidden_size)
     config_file = Path(str(model_cfg.name_or_path)).expanduser() / "config.json"
     if model_cfg.source == "pretrained" and config_file.is_file():
         config = _read_json(config_file)

@@ -19,6 +19,7 @@ from collections import OrderedDict
 
 from softprompt.core import keys
 from softprompt.core.errors import UserError, import_extra, report_and_exit
+from softprompt.core.quiet import quiet_third_party
 from softprompt.core.rundir import RunDir
 from softprompt.serve.adapters import AdapterInfo, discover
 
@@ -205,6 +206,7 @@ def share_link() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    quiet_third_party()  # before PEFT is imported: with bitsandbytes installed, its import talks
     # no phoning home from a research box: no analytics, no update check
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:

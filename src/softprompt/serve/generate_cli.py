@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from softprompt.core.errors import UserError, report_and_exit
+from softprompt.core.quiet import quiet_third_party
 
 if TYPE_CHECKING:
     from softprompt.serve.adapters import AdapterInfo
@@ -165,6 +166,7 @@ def _wrap(text: str, width: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    quiet_third_party()  # before PEFT is imported: with bitsandbytes installed, its import talks
     # PEFT calls a transformers method that warns about its own deprecation on every load
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     try:

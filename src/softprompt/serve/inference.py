@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from softprompt.core.device import resolve_device
 from softprompt.core.errors import UserError
 from softprompt.models.generation import GenerationSettings, generate
-from softprompt.models.loading import load_model
+from softprompt.models.loading import load_model, loader_placed
 from softprompt.models.methods import Method, by_peft_type
 from softprompt.serve.adapters import AdapterInfo, resolve
 
@@ -157,7 +157,8 @@ def _load_base(info: AdapterInfo, base: str | None, device: str = "auto"):
     where = resolve_device(device)
     try:
         loaded = load_model(OmegaConf.create(spec), where)
-        loaded.model.to(where)  # PeftModel.from_pretrained puts the adapter beside it
+        if not loader_placed(loaded.model):  # a device map's or a quantized base stays where its loader put it
+            loaded.model.to(where)  # PeftModel.from_pretrained puts the adapter beside it
     except UserError as exc:
         hint = "" if base else "; pass the base model with --base MODEL"
         raise UserError(f"cannot load the base model of {info.adapter_dir}: {exc}{hint}") from exc

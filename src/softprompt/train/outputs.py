@@ -7,13 +7,17 @@ tables, summary and adapter artifact, and metrics.json last (its presence means 
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
 from softprompt.core import keys
+from softprompt.core.precision import model_device
 from softprompt.core.rundir import RunDir
 from softprompt.evaluation import interpret
 from softprompt.evaluation.evaluate import comparison_metrics, evaluate
@@ -30,6 +34,15 @@ from softprompt.models.transfer import prompt_source
 from softprompt.track.wandb_run import Tracker
 
 
+def memory_metrics(device: torch.device) -> dict[str, int]:
+    """The process's peak resident memory, and on CUDA the peak allocated on `device`, so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {keys.MEMORY_PEAK_RSS_BYTES: peak if sys.platform == "darwin" else peak * 1024}  # Linux: KiB
+    if device.type == "cuda":
+        out[keys.MEMORY_CUDA_PEAK_ALLOCATED_BYTES] = torch.cuda.max_memory_allocated(device)
+    return out
+
+
 def write_run(cfg: DictConfig, out: Path, loaded, model, data, name: str, tracker: Tracker | None, *,
               history: list[dict[str, Any]], last_eval: PerplexityResult | None, initial_prompt, tokens_seen: int,
               train: dict[str, Any], clock, generations: list[str] | None = None,
@@ -43,12 +56,9 @@ def write_run(cfg: DictConfig, out: Path, loaded, model, data, name: str, tracke
     generated (in one batch with other jobs'), and `generation_s` this job's share of that time;
     None: generated here. Returns metrics.json's content."""
     tracker = tracker or Tracker(None)
-    tokenizer = loaded.tokenizer
     base = data.base
     t0 = time.perf_counter()
-    how = {"generations": generations} if generations is not None else tuned_generation(model)
-    tuned = evaluate(model, tokenizer, data.val_rows, data.prompts, cfg, num_virtual_tokens=virtual_tokens_in_logits(model),
-                     label="tuned", train_rows=data.train_ppl_rows, validation_result=last_eval, **how)
+    tuned = tuned_evaluation(cfg, loaded, model, data, last_eval, generations)
     tuned.seconds += generation_s
     trainable, total = count_parameters(model)
     metrics = eval_metrics(base, tuned, data.base_seconds, data.base_cached) | {
@@ -58,7 +68,7 @@ def write_run(cfg: DictConfig, out: Path, loaded, model, data, name: str, tracke
         keys.TRAIN_TOKENS_SEEN: tokens_seen,
         keys.TRAIN_FLOPS: training_flops(model, tokens_seen),
         keys.PEFT_NUM_VIRTUAL_TOKENS: cfg.peft.num_virtual_tokens,
-    } | comparison_metrics(base, tuned, data.prompts)
+    } | comparison_metrics(base, tuned, data.prompts) | memory_metrics(model_device(model))
     generations = generation_rows(data.prompts, base, tuned)
     tuned_eval_s = time.perf_counter() - t0 + generation_s
     try:
@@ -72,6 +82,17 @@ def write_run(cfg: DictConfig, out: Path, loaded, model, data, name: str, tracke
         raise
     tracker.finish(exit_code=0)
     return metrics
+
+
+def tuned_evaluation(cfg: DictConfig, loaded, model, data, last_eval: PerplexityResult | None,
+                     generations: list[str] | None):
+    """The tuned model's evaluation (every forward `write_run` runs through the base): its
+    perplexities, and its generations unless `generations` are given. Under FSDP the ranks that
+    write nothing call it too, in step with rank 0 (softprompt.train.pack)."""
+    how = {"generations": generations} if generations is not None else tuned_generation(model)
+    return evaluate(model, loaded.tokenizer, data.val_rows, data.prompts, cfg,
+                    num_virtual_tokens=virtual_tokens_in_logits(model), label="tuned", train_rows=data.train_ppl_rows,
+                    validation_result=last_eval, **how)
 
 
 def eval_metrics(base, tuned, base_seconds: float, base_cached: bool) -> dict[str, Any]:

@@ -35,7 +35,11 @@ run, open from the pack's start so that its curves arrive while it trains (W&B's
 
 Several processes (`torchrun`, `accelerate launch`): every rank trains its shard of each lane's
 batch, the prompts' gradients are averaged over the ranks (softprompt.train.step), and rank 0
-alone evaluates, logs, checkpoints and writes. SIGTERM/SIGUSR1/SIGUSR2 stop the pack after the
+alone evaluates, logs, checkpoints and writes. Under `training.fsdp` the base's decoder layers are
+sharded over the ranks (softprompt.train.sharding) and every forward through them needs every
+rank: all ranks then run the evaluations and generations in lock-step (`Placement.evaluates`),
+without the base-evaluation cache (a rank that found it would leave the others in a forward), and
+rank 0 alone still logs, checkpoints and writes. SIGTERM/SIGUSR1/SIGUSR2 stop the pack after the
 step with a checkpoint (softprompt.train.preemption); a rerun of the same command continues it.
 
 Writes are batched. A job whose training ends is *trained*: a copy of its prompt parameters and
@@ -60,7 +64,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from transformers import set_seed
 
 from softprompt.core import keys
@@ -79,7 +83,7 @@ from softprompt.evaluation.evaluate import (
 from softprompt.evaluation.perplexity import PerplexityResult, perplexity
 from softprompt.models import generation
 from softprompt.models.fast_loss import supports_fast_loss
-from softprompt.models.loading import load_model
+from softprompt.models.loading import load_model, loader_placed
 from softprompt.models.methods import get as get_method
 from softprompt.models.methods import (
     soft_prompt_embeddings,
@@ -270,10 +274,15 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
             RunDir(out).failed.unlink(missing_ok=True)
     loaded = load_model(first.model, place.device)
     place.model(loaded.model)
+    if place.fsdp:
+        from softprompt.train.sharding import sharded_layers
+
+        _say(log, main)(f"fsdp: {sharded_layers(loaded.model)} decoder layers sharded over {place.world} ranks")
     data_by_seed: dict[int, Data] = {}
     for cfg in configs:
         if cfg.seed not in data_by_seed:
-            data_by_seed[cfg.seed] = load_data(cfg, loaded, evaluate=main, log=log)
+            data_by_seed[cfg.seed] = load_data(cfg, loaded, evaluate=place.evaluates, log=_say(log, main),
+                                               cache_base=not place.fsdp)
     clock.base_eval_s = sum(d.base_seconds for d in data_by_seed.values())
     members = []
     for i, (cfg, out) in enumerate(zip(configs, dirs)):
@@ -436,7 +445,7 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
             per_epoch = per_epoch_of(lane, settings, world)
             done = [m for m in lane.members if m.total == step]
             end_of_epoch = step % per_epoch == 0
-            if main and first.eval.per_epoch and (end_of_epoch or done):  # each epoch and each job's end
+            if place.evaluates and first.eval.per_epoch and (end_of_epoch or done):  # each epoch and job's end
                 t0 = time.perf_counter()
                 row = _epoch_eval(lane, step, per_epoch, first)
                 clock.eval_s += time.perf_counter() - t0
@@ -445,7 +454,7 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
                     m.log(row)
             for m in done:
                 m.state, trained_now = "trained", True
-                if main:
+                if place.evaluates:
                     waiting.append(_trained(m, lane, precision, started, real_tokens, first_step, forward,
                                             resumed_from, world))
                 lane.members.remove(m)
@@ -464,8 +473,8 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
                 saved = _save(checkpoint_root, step, lanes, waiting, members, forward, calibration)
             bar.close()
             raise preemption.Preempted(signum, step, saved)
-        _flush_due(waiting, loaded, clock, log, flush_rows, final=not lanes)
-    _flush_due(waiting, loaded, clock, log, flush_rows, final=True)  # a resume of a pack whose training had ended
+        _flush_due(waiting, loaded, clock, log, flush_rows, final=not lanes, place=place)
+    _flush_due(waiting, loaded, clock, log, flush_rows, final=True, place=place)  # a resume whose training had ended
     bar.close()
     if not main:  # the other ranks' part is done: rank 0 evaluated and wrote the jobs
         for m in members:
@@ -481,12 +490,15 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
             f"{times['base_eval_s']:.1f} s), training {times['train_s']:.1f} s, evaluation {clock.eval_s:.1f} s")
 
 
-def _flush_due(waiting: list[Trained], loaded, clock: Clock, log, flush_rows: int, final: bool) -> None:
-    """Evaluate and write the waiting jobs that are due (softprompt.train.pack._due)."""
+def _flush_due(waiting: list[Trained], loaded, clock: Clock, log, flush_rows: int, final: bool,
+               place: Placement) -> None:
+    """Evaluate and write the waiting jobs that are due (softprompt.train.pack._due): rank 0 writes;
+    under FSDP the other ranks run the same evaluation forwards with it; otherwise they drop them."""
     due = _due(waiting, flush_rows, final=final)
     if due:
         t0 = time.perf_counter()
-        _flush(due, loaded, clock, log)
+        if place.evaluates:
+            _flush(due, loaded, clock, log, write=place.main)
         written = {id(job) for job in due}  # by identity: a Trained holds tensors
         waiting[:] = [job for job in waiting if id(job) not in written]
         clock.eval_s += time.perf_counter() - t0
@@ -525,9 +537,11 @@ def _leave_at(m: Member) -> int:
     return m.total
 
 
-def load_data(cfg: DictConfig, loaded, evaluate: bool = True, log: Callable[[str], None] = print) -> Data:
+def load_data(cfg: DictConfig, loaded, evaluate: bool = True, log: Callable[[str], None] = print,
+              cache_base: bool = True) -> Data:
     """What a job needs before training, for one seed: split, tokenise, evaluate the base model
-    (`evaluate`: rank 0 only)."""
+    (`evaluate`: rank 0 only, every rank under FSDP; `cache_base=False`: never from the
+    base-evaluation cache, whatever `eval.cache_base` says)."""
     splits = load_splits(cfg.dataset, cfg.seed)
     tokenizer_id = f"{cfg.model.source}:{loaded.tokenizer_path}"
     train_rows = tokenize(splits.train, loaded.tokenizer, cfg.training.max_length, tokenizer_id)
@@ -537,6 +551,10 @@ def load_data(cfg: DictConfig, loaded, evaluate: bool = True, log: Callable[[str
     if not evaluate:
         return Data(splits, train_rows, val_rows, train_ppl_rows, prompts, None, False, 0.0)
     # before any job wraps the base: LoRA injects its layers into it in place
+    if not cache_base and cfg.eval.cache_base:
+        cfg = copy.deepcopy(cfg)
+        with open_dict(cfg):
+            cfg.eval.cache_base = False
     base, cached, seconds = evaluate_base(loaded, val_rows, train_ppl_rows, prompts, cfg)
     log(f"base model: held-out perplexity {base.perplexity.perplexity:.3f} on {base.perplexity.tokens} tokens"
         f"{' (cached)' if cached else ''}")
@@ -549,7 +567,8 @@ def new_lane(cfg: DictConfig, loaded, data: Data, members: list[Member], total: 
     with torch.random.fork_rng():
         set_seed(cfg.seed)
         model = wrap(loaded.model, cfg.peft, loaded.tokenizer_path)
-    model.to(next(loaded.model.parameters()).device)  # the prompt beside the base, in its own fp32
+    if not loader_placed(loaded.model):  # PEFT put the prompt beside a placed base's first weights already
+        model.to(next(loaded.model.parameters()).device)  # the prompt beside the base, in its own fp32
     t = cfg.training
     # fused: the HF Trainer's default too (adamw_torch_fused); it takes the rate as a tensor, so an
     # absurd learning rate makes inf weights and then a NaN loss that names its step, where the
@@ -739,9 +758,10 @@ def _due(waiting: list[Trained], flush_rows: int, final: bool) -> list[Trained]:
     return [job for job in waiting if full or not _batched(job)]
 
 
-def _flush(jobs: list[Trained], loaded, clock: Clock, log) -> None:
+def _flush(jobs: list[Trained], loaded, clock: Clock, log, write: bool = True) -> None:
     """Evaluate and write these trained jobs: the generations of all those whose prompt is input
-    embeddings in one batched call, each row behind its own job's soft prompt."""
+    embeddings in one batched call, each row behind its own job's soft prompt. `write=False`: the
+    same forwards, nothing written (the other ranks under FSDP)."""
     if not jobs:
         return
     batched = [job for job in jobs if _batched(job)]
@@ -768,14 +788,21 @@ def _flush(jobs: list[Trained], loaded, clock: Clock, log) -> None:
             start += n
     for job in jobs:
         generations, seconds = texts.get(job.member.index, (None, 0.0))
-        _write(job, loaded, generations, seconds, clock, log)
+        _write(job, loaded, generations, seconds, clock, log, write=write)
 
 
-def _write(job: Trained, loaded, generations: list[str] | None, generation_s: float, clock: Clock, log) -> None:
-    """Evaluate the job's own prompt and write its run (metrics.json last, its W&B run finished)."""
-    from softprompt.train.outputs import write_run
+def _write(job: Trained, loaded, generations: list[str] | None, generation_s: float, clock: Clock, log,
+           write: bool = True) -> None:
+    """Evaluate the job's own prompt and write its run (metrics.json last, its W&B run finished).
+    `write=False`: only the evaluation's forwards, in step with the rank that writes (FSDP)."""
+    from softprompt.train.outputs import tuned_evaluation, write_run
 
     m = job.member
+    if not write:
+        with _holding(job) as model:
+            tuned_evaluation(m.cfg, loaded, model, m.data, job.last_eval, generations)
+        m.state = "finished"
+        return
     with _holding(job) as model:
         m.metrics = write_run(
             m.cfg, m.out, loaded, model, m.data, m.name, m.tracker, history=m.rows,

@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from softprompt.core import cache, hub
-from softprompt.core.config import validate
+from softprompt.core.config import BUILT_SOURCES, validate
 from softprompt.core.device import check_device
 from softprompt.core.method_facts import FACTS, facts, readers
 from softprompt.core.errors import UserError
@@ -37,9 +37,15 @@ def check(cfg: DictConfig) -> None:
     quiet_third_party()  # every job starts here (CLI, run(), sweeps): no third-party chatter
     validate(cfg)
     check_device(cfg.training.device)  # cuda/mps: whether this machine has one (imports torch then)
+    if cfg.model.dtype == "float16":  # imports torch: only where it is asked
+        from softprompt.core.device import resolve_device
+        from softprompt.core.precision import check_base_dtype
+
+        check_base_dtype(cfg.model.dtype, resolve_device(cfg.training.device))
     check_overrides(cfg)
     check_dataset(cfg.dataset)
     check_model(cfg.model)
+    check_scaling(cfg)
     if cfg.peft.get("init") == "from_run":
         check_prompt_source(cfg)
     from softprompt.track.wandb_run import chosen_mode, resolve_mode
@@ -125,7 +131,7 @@ def check_prompt_source(cfg: DictConfig) -> None:
 
 
 def check_model(m: DictConfig) -> None:
-    if m.source == "tiny":
+    if m.source in BUILT_SOURCES:  # built from the config: nothing to find
         return
     if m.source == "gguf_package":
         spec = importlib.util.find_spec(m.name_or_path) if m.name_or_path.isidentifier() else None
@@ -265,3 +271,43 @@ def _hydra_job() -> tuple[list[str], bool]:
         return [], False
     hc = HydraConfig.get()
     return list(hc.overrides.task), hc.mode == RunMode.MULTIRUN
+
+
+# --- large bases: quantization, device map, FSDP (docs/large-models.md) ------------------------------
+
+
+def check_scaling(cfg: DictConfig) -> None:
+    """What `model.quantization`, `model.device_map` and `training.fsdp` need, and the combinations
+    they cannot serve, before any model loads (and before torch is imported)."""
+    from softprompt.core.distributed import world_size
+    from softprompt.models.quantization import SHAPE_NOT_QUANTIZED, missing_package
+
+    m, t = cfg.model, cfg.training
+    quantization, device_map, fsdp = m.get("quantization"), m.get("device_map"), bool(t.get("fsdp"))
+    world = world_size()
+    if quantization and m.source == "shape":
+        raise UserError(SHAPE_NOT_QUANTIZED.format(quantization=quantization))
+    if fsdp:
+        if device_map:
+            raise UserError(f"training.fsdp=true and model.device_map={device_map} both place the base: FSDP over "
+                            "the processes of a torchrun run, the device map over one process's devices; "
+                            "choose one")
+        if quantization:
+            raise UserError(f"training.fsdp=true cannot shard a base quantized with model.quantization={quantization} "
+                            "(bitsandbytes packs its weights in its own tensors); choose one")
+        if not facts(cfg.peft.method).shares_base:
+            raise UserError(f"training.fsdp=true cannot serve peft.method={cfg.peft.method}: its adapter weights "
+                            "live inside the decoder layers that FSDP shards; use a method that leaves the base as it "
+                            f"is ({', '.join(f.name for f in FACTS.values() if f.shares_base)}) or "
+                            "training.fsdp=false (DDP under torchrun)")
+        if world == 1:
+            raise UserError("training.fsdp=true shards the base over the processes of a torchrun run, and this run "
+                            "has one; start it with `torchrun --nproc_per_node N train.py ...` (N >= 2), or set "
+                            "training.fsdp=false")
+    if device_map and world > 1:
+        raise UserError(f"model.device_map={device_map} spreads one copy of the base over one process's devices, "
+                        f"but this is a {world}-process run (WORLD_SIZE={world}): every rank would place its own "
+                        "copy on the same devices; use training.fsdp=true to spread a base over the processes, "
+                        "or run model.device_map in one process (python train.py ...)")
+    if quantization and missing_package(quantization):
+        raise UserError(missing_package(quantization))
