@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,6 +182,45 @@ def test_device_check_dry_run_on_the_cpu_writes_one_json(tmp_path):
     assert summary["ratio_vs_seed_recipe"] > 0 and 0 < summary["mfu"] < 1
     assert summary["pack_turns_max_rel_diff"] == 0.0  # turns: each job computes what it computes alone
     assert summary["pack_concat_max_rel_diff"] is not None and summary["pack_turns_ratio"] > 0
+    _check_single_bench(check["single"]["result"])
+    _check_sweep_bench(check["pack-turns"]["result"], out.with_suffix("") / "pack-turns-runs")
+
+
+def _check_single_bench(bench: dict) -> None:
+    """`scripts/bench.py` (one run, 2 timed steps): both paths timed, the ratios and MFU of them."""
+    for path in ("seed_recipe", "softprompt"):
+        part = bench[path]
+        assert part["steps"] == 2 and part["tokens_per_s"] > 0 and part["real_tokens"] > 0
+        assert part["tokens_per_s"] == part["real_tokens"] / part["seconds"]
+    assert bench["softprompt"]["fast_loss"] is True
+    assert bench["ratio"] == bench["softprompt"]["tokens_per_s"] / bench["seed_recipe"]["tokens_per_s"] > 0
+    assert 0 < bench["mfu"] <= 1
+    assert bench["precision"] == "fp32" or "amx_bf16" in bench["run_info"]["cpu_flags"] \
+        or "avx512_bf16" in bench["run_info"]["cpu_flags"]
+    assert bench["peak_rss_mib"] > 100  # torch and transformers alone take more
+    assert bench["eval_tokens_per_s"] > 0 and bench["eval_tokens"] > 0
+    assert bench["generation_tokens_per_s"] > 0 and bench["generation_prompts"] >= 2
+    # the plain ways, timed in the same run, and the ratios to them
+    assert bench["eval_ratio_to_plain"] == bench["eval_tokens_per_s"] / bench["plain_eval_tokens_per_s"]
+    assert bench["generation_ratio_to_plain"] == (bench["generation_tokens_per_s"]
+                                                  / bench["plain_generation_tokens_per_s"])
+
+
+def _check_sweep_bench(bench: dict, runs: Path) -> None:
+    """`scripts/bench.py --sweep sweeps/pack_small.yaml` (2 lengths x 1, 2, 3 epochs): a warm-up,
+    then the grid shared (one pack, a trunk per length) and alone, bit-identical, both finding the
+    base evaluation cached by the warm-up."""
+    assert bench["jobs"] == 6 and bench["compared"] == 6
+    assert bench["max_rel_diff_eval_perplexity"] == 0.0
+    assert bench["warmup_s"] > 0 and bench["alone_wall_s"] > 0 and bench["shared_wall_s"] > 0
+    # the ratio is of the unrounded walls; each printed wall is rounded to 0.01 s
+    assert bench["ratio"] == pytest.approx(bench["alone_wall_s"] / bench["shared_wall_s"], rel=5e-3)
+    assert all(job["alone_state"] == job["shared_state"] == "finished" for job in bench["per_job"])
+    for mode in ("shared", "alone"):
+        metrics = [json.loads(p.read_text()) for p in sorted((runs / mode).glob("sweep-*/*/metrics.json"))]
+        assert len(metrics) == 6 and [m["eval/base_cached"] for m in metrics] == [1] * 6
+    shared = [json.loads(p.read_text()) for p in sorted((runs / "shared").glob("sweep-*/*/config.json"))]
+    assert [c["pack"]["jobs"] for c in shared] == [6] * 6 and {c["pack"]["trunks"] for c in shared} == {2}
 
 
 # --- where a GPU is: scripts/device_check.sh runs these -----------------------------------------------
