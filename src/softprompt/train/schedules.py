@@ -10,7 +10,7 @@ warm-up starts at the full rate and reaches 0 after the last step).
 - `constant`: warm-up, then the peak rate to the end (Lester et al. 2021 prompt-tuned with 0.3).
 - `wsd`, warmup-stable-decay (Hägele et al. 2024): warm-up, constant, then a straight line to 0 over
   the last `decay_fraction` of the steps. Until its decay starts, a run's rate does not depend on
-  its length: a short run is the start of a longer one plus its own decay (issue 14's epoch trunks).
+  its length: a short run is the start of a longer one plus its own decay (a pack's epoch trunks).
 """
 
 from __future__ import annotations
