@@ -113,3 +113,11 @@ def test_nearest_tokens_read_the_embedding_matrix_in_chunks(monkeypatch):
     assert all(len(r["neighbours"]) == 5 and all(n["id"] < 90 for n in r["neighbours"]) for r in chunked)
     half = interpret.nearest_tokens(prompt, embeddings.bfloat16(), Tokenizer(), k=5)
     assert [n["id"] for n in half[0]["neighbours"]][:3] == [n["id"] for n in one_pass[0]["neighbours"]][:3]
+
+
+def test_a_shape_that_does_not_exist_is_one_error(tmp_path):
+    result = run_cli(["model=shape-llama-3b", f"hydra.run.dir={tmp_path}"])
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "model/shape-llama-3b" in line
+    assert "shape-llama-1b" in line and "shape-llama-8b" in line  # it names the ones there are
