@@ -101,11 +101,13 @@ def test_a_bfloat16_base_trains_every_method_with_fp32_trainables(method, tmp_pa
 
 def test_a_bfloat16_smollm2_base_is_within_one_percent_of_fp32(tmp_path):
     """`make run`'s recipe (experiment=offline: lr 0.03, 8 virtual tokens, 2 epochs) on 40 rows of at
-    most 64 tokens: 8 steps."""
+    most 64 tokens: 8 steps. (On 24 rows of 48 tokens, 4 steps, the tuned perplexities differed by
+    2.2 %: so few steps at this rate do not settle.)"""
     from softprompt.train.run import run
 
-    common = ["experiment=offline", "dataset.max_samples=40", "training.max_length=64", "eval.prompts=[]", "eval.num_heldout_generations=0",
-              "eval.per_epoch=false", "eval.cache_base=false", "eval.train_perplexity_rows=0", "wandb.mode=disabled"]
+    common = ["experiment=offline", "dataset.max_samples=40", "training.max_length=64", "eval.prompts=[]",
+              "eval.num_heldout_generations=0", "eval.per_epoch=false", "eval.cache_base=false",
+              "eval.train_perplexity_rows=0", "wandb.mode=disabled"]
     # the same run but for the base's weights (training and evaluation precision: auto for both)
     fp32 = run(compose(common + ["model.dtype=float32"]), run_dir=tmp_path / "fp32")
     bf16 = run(compose(common + ["model.dtype=bfloat16"]), run_dir=tmp_path / "bf16")

@@ -57,7 +57,8 @@ def test_a_shape_is_built_in_its_dtype_with_computed_buffers(preset):
     assert (model.lm_head.weight is model.model.embed_tokens.weight) is (preset == "shape-llama-1b")
     # the rotary frequencies are the config's (llama3 scaling for the 1B), not to_empty's garbage
     expected = LlamaRotaryEmbedding(config=model.config).inv_freq
-    assert torch.equal(model.model.rotary_emb.inv_freq, expected) and model.model.rotary_emb.inv_freq.dtype == torch.float32
+    inv_freq = model.model.rotary_emb.inv_freq
+    assert torch.equal(inv_freq, expected) and inv_freq.dtype == torch.float32
     weight = model.model.layers[0].mlp.up_proj.weight.float()
     assert abs(weight.mean()) < 2e-3 and weight.std() == pytest.approx(0.02, rel=0.05)
     assert torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
@@ -71,22 +72,21 @@ def test_a_shape_is_built_in_its_dtype_with_computed_buffers(preset):
 
 
 def test_a_shape_trains_with_checkpointing_and_its_adapter_loads_again(tmp_path):
+    from softprompt.models.generation import GenerationSettings
     from softprompt.serve.inference import load
+    from softprompt.train.run import run
 
     overrides = [o for o in TINY if not o.startswith("model=")] + [
         "model=shape-llama-8b", *SMALL, "model.dtype=bfloat16", "training.gradient_checkpointing=true",
-        "training.max_steps=2", "training.batch_size=2", "eval.max_new_tokens=4", f"hydra.run.dir={tmp_path}"]
-    result = run_cli(overrides)
-    assert result.returncode == 0, result.stderr[-2000:]
-    metrics = RunDir(tmp_path).read_metrics()
+        "training.max_steps=2", "training.batch_size=2", "eval.max_new_tokens=4", "wandb.mode=disabled"]
+    metrics = run(compose(overrides), run_dir=tmp_path)
     assert metrics[keys.TRAIN_STEPS] == 2 and metrics[keys.MEMORY_PEAK_RSS_BYTES] > 100 * 2**20
     assert metrics[keys.TRAIN_TOTAL_PARAMS] - metrics[keys.TRAIN_TRAINABLE_PARAMS] == 2 * 128256 * 64 + 2 * (
         64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64) + 64  # embeddings, lm_head, two layers, final norm
+    assert RunDir(tmp_path).read_metrics() == metrics
     # the base is rebuilt from the recorded config (16 GB of random weights are never saved)
     adapter = load(tmp_path, device="cpu")
     assert adapter.base_model == "shape:shape-llama-8b"
-    from softprompt.models.generation import GenerationSettings
-
     (text,) = adapter.generate_tuned(["I want you to"], GenerationSettings(3))
     assert isinstance(text, str)
 
