@@ -42,8 +42,9 @@ def quantization_config(name: str | None, compute_dtype: torch.dtype):
     """transformers' `BitsAndBytesConfig` for `model.quantization` (None: no quantization)."""
     if name is None:
         return None
-    if missing_package(name):
-        raise UserError(missing_package(name))
+    missing = missing_package(name)
+    if missing:
+        raise UserError(missing)
     # imported here so that its load-time messages pass softprompt.core.quiet's filter, and so that a
     # broken install fails with its own traceback rather than deep inside from_pretrained
     import_extra("bitsandbytes", EXTRA, f"model.quantization={name} needs it")
