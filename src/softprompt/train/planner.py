@@ -14,14 +14,25 @@ list of trunks, each a list of jobs (indexes into `configs`).
   shorter run's own decay, which branches off the trunk). `linear` and `cosine` depend on the total
   from the first step: each such job is its own trunk (it still packs).
 
+Packs are what the packed launcher hands to its executor (this process, a submitit job, a SLURM
+job). `plan(..., lanes=N)` caps the lanes (trunks) of one pack, `plan(..., devices=N)` makes at
+least N packs of a group that has N lanes, so that N devices can train it at once; both balance
+the packs' *planned steps* (lane-steps, `planned_steps`: what a pack costs when its lanes step in
+turns), longest trunk first onto the least-loaded pack. `makespan` is the wall time, in steps, of
+packs run on N devices, longest first onto the first free one (what the launcher does).
+
 This lives in the train layer, not in experiments, because the engine that trains a pack needs it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from softprompt.core.method_facts import facts
+from softprompt.train.schedules import Schedule
 
 # schedules whose rate at a step does not depend on the run's length (until a wsd run's own decay)
 SHARABLE_SCHEDULES = ("constant", "wsd")
@@ -46,6 +57,7 @@ class Trunk:
 @dataclass
 class Pack:
     trunks: list[Trunk] = field(default_factory=list)
+    steps: int | None = None  # planned lane-steps (plan(..., steps=...)), None when not planned
 
     @property
     def jobs(self) -> list[int]:
@@ -81,22 +93,35 @@ def _length(config: dict[str, Any]) -> tuple[int, int]:
     return (t.get("max_steps") or 0, t["epochs"])
 
 
-def plan(configs: list[Any], share: bool = True, max_rows: int | None = None) -> list[Pack]:
+def planned_steps(config: Any, train_rows: int) -> int:
+    """The optimizer steps of one job on `train_rows` training rows (one process, as
+    softprompt.train.batches.steps_per_epoch counts them)."""
+    t = _plain(config)["training"]
+    return t.get("max_steps") or t["epochs"] * math.ceil(train_rows / t["batch_size"])
+
+
+def plan(configs: list[Any], share: bool = True, max_rows: int | None = None, lanes: int | None = None,
+         devices: int = 1, steps: list[int] | None = None) -> list[Pack]:
     """Group the jobs (composed configs, in sweep order) into packs of trunks.
 
     `share=False`: every job is a pack of one (each trains alone). `max_rows`: at most this many
     training rows per step in one pack (jobs x batch size), else `training.pack_max_rows` of the
-    jobs; a group larger than that is split into several packs.
+    jobs; a group larger than that is split into several packs. `lanes`: at most this many trunks
+    per pack; `devices`: a group of at least that many trunks makes at least that many packs.
+    Both balance the packs' planned steps, which need `steps` (each job's, `planned_steps`); with
+    `steps` every pack gets its `steps`.
     """
     plain = [_plain(c) for c in configs]
+    if (lanes or devices > 1) and steps is None:
+        raise ValueError("balancing packs (lanes, devices) needs each job's planned steps")
     if not share:
-        return [Pack([Trunk([i], shared=False)]) for i in range(len(plain))]
+        packs = [Pack([Trunk([i], shared=False)]) for i in range(len(plain))]
+        return _with_steps(packs, plain, steps)
     groups: dict[str, list[int]] = {}
-    from softprompt.models.methods import get
 
     for i, config in enumerate(plain):
         # a method whose wrapper changes the base model (LoRA) trains each job alone
-        if not get(config["peft"]["method"]).shares_base:
+        if not facts(config["peft"]["method"]).shares_base:
             groups[f"alone:{i}"] = [i]
         else:
             groups.setdefault(_without(config, PER_JOB), []).append(i)
@@ -116,9 +141,61 @@ def plan(configs: list[Any], share: bool = True, max_rows: int | None = None) ->
             jobs = _distinct_lengths(sorted(jobs, key=lambda i: _length(plain[i])), plain)
             ordered.extend(jobs)
         limit = _jobs_per_pack(plain[members[0]], max_rows)
-        packs.extend(_split(ordered, limit))
+        if lanes or devices > 1:
+            for part in _balance(ordered, lanes, devices, steps, plain):
+                packs.extend(_split(part.trunks, limit))
+        else:
+            packs.extend(_split(ordered, limit))
     # sweep order: the pack holding the first job first
-    return sorted(packs, key=lambda p: min(p.jobs))
+    return _with_steps(sorted(packs, key=lambda p: min(p.jobs)), plain, steps)
+
+
+def _trunk_steps(trunk: Trunk, steps: list[int], plain: list[dict[str, Any]]) -> int:
+    """The lane-steps a trunk costs: its longest job's steps, plus the decay of each shorter wsd
+    job, which leaves the trunk where its decay starts and trains it on a lane of its own."""
+    longest = max(steps[j] for j in trunk.jobs)
+    own = 0
+    for j in trunk.jobs:
+        t = plain[j]["training"]
+        if steps[j] < longest and t["lr_scheduler"] == "wsd":
+            schedule = Schedule("wsd", 1.0, steps[j], t["warmup_steps"], t["decay_fraction"])
+            leave = next((s for s in range(t["warmup_steps"], steps[j]) if schedule.factor(s) != 1.0), steps[j])
+            own += steps[j] - leave
+    return longest + own
+
+
+def _with_steps(packs: list[Pack], plain: list[dict[str, Any]], steps: list[int] | None) -> list[Pack]:
+    if steps is not None:
+        for pack in packs:
+            pack.steps = sum(_trunk_steps(t, steps, plain) for t in pack.trunks)
+    return packs
+
+
+def _balance(trunks: list[Trunk], lanes: int | None, devices: int, steps: list[int] | None,
+             plain: list[dict[str, Any]]) -> list[Pack]:
+    """The trunks of one group in as few packs as `lanes` allows and at least `devices` (while
+    there are trunks for them), each trunk, longest first, into the pack with the fewest planned
+    steps that has room; every pack keeps its trunks in sweep order."""
+    assert steps is not None
+    count = max(math.ceil(len(trunks) / lanes) if lanes else 1, min(devices, len(trunks)))
+    load, members = [0] * count, [[] for _ in range(count)]
+    cost = {id(t): _trunk_steps(t, steps, plain) for t in trunks}
+    for trunk in sorted(trunks, key=lambda t: -cost[id(t)]):
+        room = [k for k in range(count) if not lanes or len(members[k]) < lanes]
+        k = min(room, key=lambda k: (load[k], k))
+        load[k] += cost[id(trunk)]
+        members[k].append(trunk)
+    order = {id(t): n for n, t in enumerate(trunks)}
+    return [Pack(sorted(m, key=lambda t: order[id(t)])) for m in members if m]
+
+
+def makespan(pack_steps: list[int], devices: int) -> int:
+    """The planned steps until the last of these packs ends on `devices` devices, each pack, longest
+    first, on the device that comes free first (the packed launcher submits them in that order)."""
+    load = [0] * max(1, devices)
+    for steps in sorted(pack_steps, reverse=True):
+        load[load.index(min(load))] += steps
+    return max(load)
 
 
 def _distinct_lengths(jobs: list[int], plain: list[dict[str, Any]]) -> list[Trunk]:
@@ -168,5 +245,6 @@ def describe(pack: Pack, configs: list[Any]) -> str:
                            for j in trunk.jobs)
         parts.append(lengths)
     shared = sum(t.shared for t in pack.trunks)
+    planned = f"; {pack.steps} planned steps" if pack.steps is not None else ""
     return (f"{len(pack)} job{'s' if len(pack) != 1 else ''}, {len(pack.trunks)} trunk"
-            f"{'s' if len(pack.trunks) != 1 else ''} ({shared} shared; lengths {' | '.join(parts)})")
+            f"{'s' if len(pack.trunks) != 1 else ''} ({shared} shared; lengths {' | '.join(parts)}{planned})")
