@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_IMPORTED = {
     "gguf": "transformers reads GGUF files with it (model=smollm2-135m loads a .gguf)",
     "accelerate": "transformers needs it to load models with device placement / low memory use",
-    "hydra-submitit-launcher": "a Hydra launcher plugin, loaded by name (hydra/launcher=slurm)",
+    "hydra-submitit-launcher": "a Hydra launcher plugin, loaded by name (hydra/launcher=submitit_slurm)",
     "pytest-timeout": "a pytest plugin (--timeout in pyproject's addopts)",
     "import-linter": "the `lint-imports` command the layer test runs",
     "pytest": "the test runner (tests import it too)",

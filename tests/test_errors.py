@@ -159,11 +159,13 @@ def test_unexpected_errors_keep_their_traceback(tmp_path, raise_line):
 
 
 def test_slurm_launcher_without_its_extra_names_the_extra(tmp_path):
-    """hydra/launcher=slurm without hydra-submitit-launcher (made unimportable here): one line."""
+    """hydra/launcher=submitit_slurm (Hydra's own launcher, in the slurm extra) without
+    hydra-submitit-launcher (made unimportable here): one line."""
     code = ("import runpy, sys; sys.modules['hydra_plugins.hydra_submitit_launcher'] = None; "
             f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", code, "hydra/launcher=slurm", "model=tiny-llama", "--cfg", "hydra"],
-                            cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code, "hydra/launcher=submitit_slurm", "model=tiny-llama", "--cfg",
+                             "hydra"], cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr == ("error: In 'hydra/launcher/slurm': Could not load 'hydra/launcher/submitit_slurm'; "
-                             "the submitit launcher is not installed: run pip install 'softprompt[slurm]'\n")
+    assert result.stderr == ("error: In 'hydra/config': Could not find 'hydra/launcher/submitit_slurm' Available "
+                             "options in 'hydra/launcher': basic packed slurm; the submitit launcher is not installed: "
+                             "run pip install 'softprompt[slurm]'\n")

@@ -211,22 +211,3 @@ def test_report_picks_up_gen_metrics_and_needs_finished_runs(tmp_path):
     empty.mkdir()
     with pytest.raises(UserError, match="no finished runs"):
         build_report([empty])
-
-
-def test_slurm_launcher_composes():
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from softprompt.core.config import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
-                            return_hydra_config=True)
-    launcher = cfg.hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert launcher.partition == "gpu" and launcher.array_parallelism == 16
-    # preempted or timed-out jobs checkpoint and are requeued (docs/reliability.md, issue 18)
-    assert launcher.max_num_timeout == 3 and launcher.signal_delay_s == 120
-    from omegaconf import OmegaConf
-
-    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.num}"  # one run dir per job, on the cluster too

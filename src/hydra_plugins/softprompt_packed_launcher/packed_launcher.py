@@ -2,22 +2,27 @@
 
 Hydra hands a launcher all jobs of a multirun batch at once (`Launcher.launch(job_overrides)`),
 which is exactly what packing needs: this launcher composes every job's config as Hydra's
-BasicLauncher does, plans them (softprompt.train.planner), runs each pack of one through the
-usual task function (`run_job`: the same as `hydra/launcher=basic`) and each larger pack through
-softprompt.train.pack in this process. Every job keeps its own Hydra job dir
-(`hydra.sweep.dir/hydra.sweep.subdir`, with `.hydra/config.yaml`, `hydra.yaml`, `overrides.yaml`),
-which is its run directory. Hydra finds this module through the `hydra_plugins` namespace package;
-the config below registers it as `hydra/launcher=packed`.
+BasicLauncher does, checks them all (softprompt.train.preflight), plans them
+(softprompt.train.planner) and hands each pack to `hydra.launcher.executor`
+(softprompt.train.dispatch): `local` trains them one after another in this process (a pack of one
+through the usual task function, `run_job`, the same as `hydra/launcher=basic`; a larger one
+through softprompt.train.pack), `submitit_local` and `submitit_slurm` as submitit jobs. Every job
+keeps its own Hydra job dir (`hydra.sweep.dir/hydra.sweep.subdir`, with `.hydra/config.yaml`,
+`hydra.yaml`, `overrides.yaml`), which is its run directory; `packs.json` in the sweep dir records
+each pack, its job and what became of it. Hydra finds this module through the `hydra_plugins`
+namespace package; the config below registers it as `hydra/launcher=packed`
+(`hydra/launcher=slurm` is this launcher with executor=submitit_slurm).
 
 No `from __future__ import annotations` here: Hydra executes plugin modules without entering them
-in sys.modules, where `dataclasses` cannot resolve string annotations.
+in sys.modules, where `dataclasses` cannot resolve string annotations. For the same reason what
+submitit pickles (softprompt.train.dispatch.PackJob) lives in softprompt.
 """
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -41,15 +46,55 @@ class PackedLauncherConf:
     _target_: str = "hydra_plugins.softprompt_packed_launcher.packed_launcher.PackedLauncher"
     # false: every job alone, as hydra/launcher=basic (the plan is still logged)
     share: bool = True
+    # where each pack trains: local (this process, one pack after another), submitit_local (a
+    # submitit job on this machine), submitit_slurm (a SLURM job)
+    executor: str = "local"
+    # at most this many lanes (trunks) per pack; the planner balances the packs' planned steps
+    pack_lanes: Optional[int] = None
+    # auto or N: packs trained at once on this machine, each pinned to a GPU of its own
+    # (submitit_local); auto is the GPUs present, 1 on a CPU-only machine
+    devices: Any = "auto"
+    # at most this many pack jobs at once; null: `devices` (submitit_local), all (submitit_slurm)
+    parallelism: Optional[int] = None
+    submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"
+    # a pack job's time limit, in minutes: 10 + timeout_margin x (planned steps x seconds_per_step
+    # + points x seconds_per_point), or timeout_min for every pack job
+    seconds_per_step: float = 3.0
+    seconds_per_point: float = 60.0
+    timeout_margin: float = 1.5
+    timeout_min: Optional[int] = None
+    # submitit's signal (SIGUSR2) this long before the time limit: the pack checkpoints and is
+    # requeued, at most max_num_timeout times for time limits (preemptions do not count)
+    signal_delay_s: int = 120
+    max_num_timeout: int = 3
+    setup: Optional[List[str]] = None  # shell lines run before each pack job (both submitit executors)
+    # SLURM only (executor=submitit_slurm), named as in hydra-submitit-launcher; null: not asked for
+    partition: Optional[str] = None
+    qos: Optional[str] = None
+    account: Optional[str] = None
+    comment: Optional[str] = None
+    constraint: Optional[str] = None
+    exclude: Optional[str] = None
+    gres: Optional[str] = None
+    cpus_per_task: Optional[int] = None
+    gpus_per_node: Optional[int] = None
+    mem_gb: Optional[int] = None
+    cpus_per_gpu: Optional[int] = None
+    gpus_per_task: Optional[int] = None
+    mem_per_gpu: Optional[str] = None
+    mem_per_cpu: Optional[str] = None
+    additional_parameters: Dict[str, Any] = field(default_factory=dict)
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="packed", node=PackedLauncherConf, provider="softprompt")
 
 
 class PackedLauncher(Launcher):
-    def __init__(self, share: bool = True) -> None:
+    def __init__(self, share: bool = True, **params: Any) -> None:
         super().__init__()
         self.share = share
+        self.params = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                       for k, v in params.items()}
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None
         self.hydra_context: Optional[HydraContext] = None
@@ -60,67 +105,139 @@ class PackedLauncher(Launcher):
         self.task_function = task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from softprompt.train.planner import describe, plan
+        from softprompt.core.errors import UserError
+        from softprompt.train import dispatch, preflight
+        from softprompt.train.planner import plan
 
         setup_globals()
         assert self.hydra_context is not None and self.config is not None and self.task_function is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        sweep_configs = []
-        for idx, overrides in enumerate(job_overrides):
-            idx = initial_job_idx + idx
-            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            with open_dict(sweep_config):
-                sweep_config.hydra.job.id = idx
-                sweep_config.hydra.job.num = idx
-            sweep_configs.append(sweep_config)
+        # the launcher's own settings first: a bad one fails before any job is composed or started
+        settings = dispatch.Settings.of(self.params)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        sweep_configs = [self._sweep_config(overrides, initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
         task_configs = [_task_config(c) for c in sweep_configs]
-        packs = plan(task_configs, share=self.share)
-        log.info(f"Launching {len(job_overrides)} jobs locally in {len(packs)} pack{'s' if len(packs) != 1 else ''}")
-        runs: list[Optional[JobReturn]] = [None] * len(job_overrides)
+        for sweep_config, task in zip(sweep_configs, task_configs):  # every job's cheap checks, before any job starts
+            HydraConfig.instance().set_config(sweep_config)
+            preflight.check(task)
+        steps = dispatch.planned_steps(task_configs) if settings.needs_steps else None
+        packs = plan(task_configs, share=self.share, lanes=settings.pack_lanes, devices=settings.devices, steps=steps)
+        _log_plan(packs, task_configs, job_overrides, initial_job_idx, settings)
+
+        jobs = []
         for pack in packs:
-            log.info(f"pack: {describe(pack, task_configs)}")
-            for i in pack.jobs:
-                log.info(f"\t#{initial_job_idx + i} : {' '.join(filter_overrides(job_overrides[i]))}")
-            if len(pack) == 1:
-                (i,) = pack.jobs
-                runs[i] = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
-                                  config=sweep_configs[i], job_dir_key="hydra.sweep.dir",
-                                  job_subdir_key="hydra.sweep.subdir")
-            else:
-                for i, ret in zip(pack.jobs, self._run_pack(pack, sweep_configs, task_configs, job_overrides)):
-                    runs[i] = ret
-            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+            dirs = [_prepare_job_dir(sweep_configs[i], task_configs[i]) for i in pack.jobs]
+            jobs.append(dispatch.PackJob(
+                configs=[task_configs[i] for i in pack.jobs], dirs=[str(d) for d in dirs],
+                trunks=[[pack.jobs.index(i) for i in t.jobs] for t in pack.trunks],
+                overrides=[list(job_overrides[i]) for i in pack.jobs], steps=pack.steps))
+        summary = dispatch.Summary(sweep_dir, settings, jobs)
+        outcomes: dict[int, Any] = {}
+        for k, job in enumerate(jobs):
+            if _kept(job):
+                outcomes[k] = dispatch.Outcome("kept", points=[{"state": "finished", "error": None,
+                                                                "metrics": _metrics(d)} for d in job.dirs])
+                summary.update(k, state="kept")
+                log.info(f"pack {k}: every point finished in an earlier attempt; kept")
+        todo = [k for k in range(len(jobs)) if k not in outcomes]
+        returned: dict[int, JobReturn] = {}  # packs of one that Hydra's run_job ran (executor=local)
+        if settings.executor == "local":
+            for k in todo:
+                summary.update(k, state="running")
+                if len(jobs[k].configs) == 1:
+                    returned[k], outcomes[k] = self._run_job(sweep_configs[packs[k].jobs[0]])
+                else:
+                    outcomes[k] = dispatch.Outcome("finished", points=jobs[k].run())
+                summary.update(k, state=outcomes[k].state)
+                configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        else:
+            name = str(self.config.hydra.job.name)
+            ran = dispatch.submit([jobs[k] for k in todo], settings, lambda n, **record: summary.update(todo[n], **record),
+                                  names=[f"{name}-pack{k}" for k in todo])
+            outcomes.update(zip(todo, ran))
+        for k, outcome in outcomes.items():
+            summary.results(k, outcome.points)
+        failed = summary.failed(outcomes)  # one line for every pack whose job failed (None: none)
+        runs: list[Optional[JobReturn]] = [None] * len(job_overrides)
+        for k, pack in enumerate(packs):
+            if k in returned:
+                runs[pack.jobs[0]] = returned[k]
+                continue
+            for i, out, point in zip(pack.jobs, jobs[k].dirs, outcomes[k].points or [None] * len(pack)):
+                ret = JobReturn(overrides=list(job_overrides[i]), cfg=task_configs[i], hydra_cfg=sweep_configs[i],
+                                working_dir=out, task_name=sweep_configs[i].hydra.job.name)
+                ret.status = JobStatus.COMPLETED if point and point["state"] == "finished" else JobStatus.FAILED
+                # a failed job's return value is its error: Hydra's sweeper raises it after the batch
+                # (the other packs and jobs of the batch have run by then)
+                ret.return_value = (point["metrics"].get("eval/perplexity") if ret.status == JobStatus.COMPLETED
+                                    else failed if point is None else UserError(f"job {i} ({out}): {point['error']}"))
+                runs[i] = ret
+        if failed is not None:  # raised here, not by the sweeper: one line, every failed pack in it
+            raise failed
         return runs  # type: ignore[return-value]
 
-    def _run_pack(self, pack, sweep_configs, task_configs, job_overrides) -> list[JobReturn]:
-        from softprompt.core.errors import UserError
-        from softprompt.models.methods import get as get_method
-        from softprompt.track.wandb_run import run_name
-        from softprompt.train.pack import run_pack
+    def _sweep_config(self, overrides: Sequence[str], idx: int) -> DictConfig:
+        """The job's config with its `hydra` node, as Hydra's BasicLauncher composes it."""
+        assert self.hydra_context is not None and self.config is not None
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = idx
+            sweep_config.hydra.job.num = idx
+        return sweep_config
 
-        dirs, names = [], []
+    def _run_job(self, sweep_config: DictConfig) -> "tuple[JobReturn, Any]":
+        """A pack of one in this process: through Hydra's task function, as hydra/launcher=basic
+        runs it (its job log, its return value for a sweeper that optimises it)."""
+        from softprompt.train.dispatch import Outcome
+
+        errors: list[BaseException] = []
+
+        def task(cfg: DictConfig) -> Any:
+            try:
+                return self.task_function(cfg)  # type: ignore[misc]
+            except Exception as exc:
+                errors.append(exc)
+                raise
+
+        ret = run_job(hydra_context=self.hydra_context, task_function=task, config=sweep_config,
+                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        if ret.status == JobStatus.COMPLETED:
+            point = {"state": "finished", "error": None, "metrics": {"eval/perplexity": ret.return_value}}
+        else:
+            point = {"state": "failed", "error": f"{type(errors[0]).__name__}: {errors[0]}" if errors else "failed",
+                     "metrics": {}}
+        return ret, Outcome("finished", points=[point])
+
+
+def _log_plan(packs, task_configs, job_overrides, initial_job_idx: int, settings) -> None:
+    from softprompt.train.planner import describe, makespan
+
+    where = {"local": "in this process", "submitit_local": f"as submitit jobs on this machine, "
+             f"{settings.parallelism} at a time", "submitit_slurm": "as SLURM jobs"}[settings.executor]
+    at_once = 1 if settings.executor == "local" else settings.parallelism or len(packs)
+    planned = (f" (planned steps until the last ends: {makespan([p.steps for p in packs], at_once)})"
+               if packs and packs[0].steps is not None else "")
+    log.info(f"Launching {len(job_overrides)} jobs in {len(packs)} pack{'s' if len(packs) != 1 else ''} {where}{planned}")
+    for pack in packs:
+        log.info(f"pack: {describe(pack, task_configs)}")
         for i in pack.jobs:
-            dirs.append(_prepare_job_dir(sweep_configs[i], task_configs[i]))
-            tag = get_method(task_configs[i].peft.method).tag(task_configs[i].peft)
-            names.append(run_name(task_configs[i], tag, overrides=list(job_overrides[i])))
-        trunks = [[pack.jobs.index(i) for i in t.jobs] for t in pack.trunks]
-        try:
-            members = run_pack([task_configs[i] for i in pack.jobs], dirs, trunks, names=names)
-            outcomes = [(m.state, m.metrics.get("eval/perplexity") if m.state == "finished" else
-                         UserError(f"job {pack.jobs[k]} ({dirs[k]}): {m.error}")) for k, m in enumerate(members)]
-        except UserError as exc:
-            outcomes = [("failed", exc)] * len(pack.jobs)
-        returns = []
-        for i, out, (state, value) in zip(pack.jobs, dirs, outcomes):
-            ret = JobReturn(overrides=list(job_overrides[i]), cfg=task_configs[i], hydra_cfg=sweep_configs[i],
-                            working_dir=str(out), task_name=sweep_configs[i].hydra.job.name)
-            ret.status = JobStatus.COMPLETED if state == "finished" else JobStatus.FAILED
-            # a failed job's return value is its error: Hydra's sweeper raises it after the batch
-            # (the other packs and jobs of the batch have run by then)
-            ret.return_value = value
-            returns.append(ret)
-        return returns
+            log.info(f"\t#{initial_job_idx + i} : {' '.join(filter_overrides(job_overrides[i]))}")
+
+
+def _kept(job) -> bool:
+    """A rerun with training.resume=true keeps a pack whose points all finished with these settings."""
+    if not all(c.training.resume for c in job.configs):
+        return False
+    from softprompt.train.resume import finished
+
+    return finished(job.configs, [Path(d) for d in job.dirs])
+
+
+def _metrics(run_dir: str) -> dict:
+    from softprompt.core.rundir import RunDir
+
+    return RunDir(run_dir).read_metrics()
 
 
 def _task_config(sweep_config: DictConfig) -> DictConfig:

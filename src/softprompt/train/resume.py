@@ -89,6 +89,11 @@ def _resume_from_latest(configs: list[DictConfig], run_dirs: list[Path], log) ->
     return ResumePoint(latest, ids)
 
 
+def finished(configs: list[DictConfig], run_dirs: list[Path]) -> bool:
+    """Every job finished in an earlier attempt, with these settings: nothing left to resume."""
+    return all(RunDir(out).finished for out in run_dirs) and not _changed_any(configs, run_dirs)
+
+
 def _changed_any(configs: list[DictConfig], run_dirs: list[Path]) -> bool:
     return any(_changed(cfg, out) for cfg, out in zip(configs, run_dirs))
 
