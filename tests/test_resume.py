@@ -96,7 +96,6 @@ def test_sigkill_after_first_checkpoint_then_resume(tmp_path, uninterrupted):
     assert [sorted(row) for row in history] == [sorted(row) for row in ref_history]
     for row, ref_row in zip(history, ref_history):
         assert row == pytest.approx(ref_row, rel=1e-5)
-    assert metrics[keys.TRAIN_RUNTIME_S] < ref[keys.TRAIN_RUNTIME_S] + 10
 
 
 def test_sigkill_while_writing_a_checkpoint(tmp_path, uninterrupted):

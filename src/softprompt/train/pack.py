@@ -339,16 +339,17 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
                           "branch": m.leave_at < m.total, "shared_with": [x.out.name for x in group]}} | prompt_source(m.cfg)
             if main and m.state == "pending":
                 RunDir(m.out).write_config(m.config)
-    if main:  # each unwritten job's W&B run, open while it trains (the same run again on a resume)
-        for m in members:
-            if m.state in ("pending", "trained"):
-                m.tracker = Tracker.start(m.cfg, m.out, m.config, m.name, mode=wandb_mode,
-                                          run_id=point.wandb_run_ids[m.index], stop_fn=_stopper(m))
-                if m.tracker.run_id:
-                    RunDir(m.out).write_wandb_run_id(m.tracker.run_id)
-
-    # SIGTERM/SIGUSR1/SIGUSR2 from here on stop the pack at a step boundary (softprompt.train.preemption)
+    # SIGTERM/SIGUSR1/SIGUSR2 from here on stop the pack at a step boundary (softprompt.train.preemption).
+    # The watch starts before the W&B runs do: a signal while they start (seconds on a loaded machine)
+    # waits for the first step boundary instead of ending the process by the signal's default action.
     with preemption.Watch(dirs[0] if main else None) as watch:
+        if main:  # each unwritten job's W&B run, open while it trains (the same run again on a resume)
+            for m in members:
+                if m.state in ("pending", "trained"):
+                    m.tracker = Tracker.start(m.cfg, m.out, m.config, m.name, mode=wandb_mode,
+                                              run_id=point.wandb_run_ids[m.index], stop_fn=_stopper(m))
+                    if m.tracker.run_id:
+                        RunDir(m.out).write_wandb_run_id(m.tracker.run_id)
         try:
             _train(members, lanes, waiting, step, loaded, place, clock, forward, calibration, precision, log, watch,
                    on_step)
