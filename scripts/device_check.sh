@@ -52,19 +52,25 @@ else
     TESTS=(tests)
 fi
 
-if [ "$DEVICE" = cuda ]; then
-    part tests 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda "${TESTS[@]}"
-else  # no CUDA here: the CUDA tests only collect (they skip without a GPU)
-    part tests 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda --collect-only "${TESTS[@]}"
-fi
-part single 150 "$PY" scripts/bench.py --model "$MODEL" --device "$DEVICE" "${STEPS[@]}" --out "$PARTS/single.json"
+tests() {
+    if [ "$DEVICE" = cuda ]; then
+        part tests 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda "${TESTS[@]}"
+    else  # no CUDA here: the CUDA tests only collect (they skip without a GPU)
+        part tests 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda --collect-only "${TESTS[@]}"
+    fi
+}
+single() {
+    part single 150 "$PY" scripts/bench.py --model "$MODEL" --device "$DEVICE" "${STEPS[@]}" --out "$PARTS/single.json"
+}
 pack() {  # pack FORWARD: sweeps/pack_small.yaml alone vs shared with that pack forward
     part "pack-$1" 120 "$PY" scripts/bench.py --sweep sweeps/pack_small.yaml --root "$PARTS/pack-$1-runs" \
         --out "$PARTS/pack-$1.json" "${SWEEP_SET[@]}" training.device="$DEVICE" training.pack_forward="$1"
 }
-if [ "$QUICK" = 1 ]; then  # a dry run: side by side (process start-up is most of a tiny bench)
-    pack turns & pack concat & wait
+if [ "$QUICK" = 1 ]; then  # a dry run: every part side by side (process start-up is most of a tiny bench)
+    tests & single & pack turns & pack concat & wait
 else  # timed: one after the other
+    tests
+    single
     pack turns
     pack concat
 fi
