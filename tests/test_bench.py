@@ -51,3 +51,22 @@ def test_split_of_run_arithmetic():
     assert split["finish_s"] == 47.0 - 4.0 - 41.0
     assert sum(split[k] for k in SPLIT) == 47.0
     assert split["wall_over_train"] == 47.0 / 29.0 and split["base_cached"] is True
+
+
+def test_profile_splits_a_step_into_shares_that_add_up(tmp_path):
+    """`--profile` on a tiny model, in-process: every share of the profiled steps, the matrix
+    products and the collation among them, adding up to the profiled wall time."""
+    from softprompt.experiments.bench import main
+    from softprompt.experiments.step_profile import SHARES
+
+    out = tmp_path / "profile.json"
+    assert main(["--profile", "--model", "tiny-llama", "--max-samples", "20", "--steps", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["timed_steps"] == 2 and result["model"] == "tiny-llama" and result["seconds_per_step"] > 0
+    profile = result["profile"]
+    assert set(profile["shares"]) == set(SHARES)
+    assert sum(profile["shares"].values()) == pytest.approx(1.0)
+    assert sum(profile["seconds_per_step_by_share"].values()) == pytest.approx(profile["profiled_seconds_per_step"])
+    assert profile["shares"]["gemm"] > 0 and profile["shares"]["attention"] > 0 and profile["shares"]["data"] > 0
+    assert profile["shares"]["optimizer"] > 0 and profile["shares"]["loss"] > 0
+    assert 0 <= result["padding_share"] < 1 and "aten::mm" in profile["top_operators"]

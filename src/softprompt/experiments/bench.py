@@ -28,7 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -118,50 +120,80 @@ def seed_recipe(cfg, texts: list[str], steps: int, warmup_steps: int, out_dir: P
     return result
 
 
-def softprompt_path(cfg, splits, steps: int, warmup_steps: int, precision: str):
-    """The engine's step (softprompt.train.step.train_step) on one lane, as a run of one job
-    takes it, timed step by step: no checkpoints, no evaluation in between."""
+@dataclass
+class OneLane:
+    """A run of one job as the engine trains it, ready to step (no checkpoints, no evaluation in
+    between): what the timing (`softprompt_path`) and the profile (`--profile`) share."""
+
+    cfg: Any
+    device: torch.device
+    loaded: Any
+    lane: Any
+    rows: list
+    val_rows: list
+    autocast: torch.dtype | None
+    _order: tuple = (-1, ())  # (epoch, its batches): the order is made once per epoch
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """Step `step`'s batch, collated on the host (the run's length-grouped order)."""
+        from softprompt.train.batches import PaddingCollator, epoch_batches, steps_per_epoch
+
+        t = self.cfg.training
+        epoch, index = divmod(step, steps_per_epoch(len(self.rows), t.batch_size))
+        if self._order[0] != epoch:
+            self._order = (epoch, epoch_batches([len(r) for r in self.rows], t.batch_size, self.cfg.seed, epoch,
+                                                t.group_by_length))
+        rows = [{"input_ids": self.rows[k]} for k in self._order[1][index]]
+        return PaddingCollator(self.loaded.tokenizer.pad_token_id)(rows)
+
+    def step(self, step: int, batch: dict[str, torch.Tensor]):
+        """The engine's step (softprompt.train.step.train_step) of this one lane."""
+        from softprompt.train.step import train_step
+
+        return train_step([self.lane], [batch], self.loaded.model, step, forward="turns", device=self.device,
+                          autocast=self.autocast)
+
+
+def one_lane(cfg, splits, total: int, precision: str) -> OneLane:
+    """The model placed and loaded, the rows tokenized and a lane for `total` steps, as a run makes them."""
     from softprompt.data.loading import tokenize
     from softprompt.models.loading import load_model
-    from softprompt.models.methods import virtual_tokens_in_logits
-    from softprompt.train.batches import PaddingCollator, epoch_batches, steps_per_epoch
     from softprompt.train.pack import Data, new_lane
     from softprompt.train.placement import Placement
-    from softprompt.train.step import train_step
 
-    start = time.perf_counter()
     place = Placement.of(cfg)
     loaded = load_model(cfg.model, place.device)
     place.model(loaded.model)
     tokenizer_id = f"{cfg.model.source}:{loaded.tokenizer_path}"
     rows = tokenize(splits.train, loaded.tokenizer, cfg.training.max_length, tokenizer_id)
     val_rows = tokenize(splits.validation, loaded.tokenizer, cfg.training.max_length, tokenizer_id)
-    total = warmup_steps + steps
     lane = new_lane(cfg, loaded, Data(splits, rows, val_rows, [], [], None, False, 0.0), [], total)
-    t = cfg.training
-    collate, per_epoch = PaddingCollator(loaded.tokenizer.pad_token_id), steps_per_epoch(len(rows), t.batch_size)
-    lengths, marks, tokens = [len(r) for r in rows], [], 0
-    autocast = torch.bfloat16 if precision == "bf16" else None
-    order: list[list[int]] = []
-    for step in range(total):
-        epoch, batch = divmod(step, per_epoch)
-        if batch == 0:
-            order = epoch_batches(lengths, t.batch_size, cfg.seed, epoch, t.group_by_length)
-        result = train_step([lane], [collate([{"input_ids": rows[k]} for k in order[batch]])], loaded.model, step,
-                            forward="turns", device=place.device, autocast=autocast)
+    return OneLane(cfg, place.device, loaded, lane, rows, val_rows, torch.bfloat16 if precision == "bf16" else None)
+
+
+def softprompt_path(cfg, splits, steps: int, warmup_steps: int, precision: str):
+    """The engine's step (softprompt.train.step.train_step) on one lane, as a run of one job
+    takes it, timed step by step: no checkpoints, no evaluation in between."""
+    from softprompt.models.methods import virtual_tokens_in_logits
+
+    start = time.perf_counter()
+    run = one_lane(cfg, splits, warmup_steps + steps, precision)
+    marks, tokens = [], 0
+    for step in range(warmup_steps + steps):
+        result = run.step(step, run.batch(step))
         tokens += result.tokens[0]
         marks.append((time.perf_counter(), tokens))
     result = _timed(marks, warmup_steps, start)
-    result["rows_tokens_total"] = sum(len(r) for r in rows)
-    result["fast_loss"] = lane.fast_loss
-    model = lane.model
+    result["rows_tokens_total"] = sum(len(r) for r in run.rows)
+    result["fast_loss"] = run.lane.fast_loss
+    model = run.lane.model
     # the A/B check that a speed change does not cost quality: held-out perplexity after these steps
     from softprompt.evaluation.perplexity import perplexity
 
-    result["heldout_perplexity_after"] = perplexity(model, val_rows, loaded.tokenizer.pad_token_id,
+    result["heldout_perplexity_after"] = perplexity(model, run.val_rows, run.loaded.tokenizer.pad_token_id,
                                                     cfg.training.eval_batch_size,
                                                     virtual_tokens_in_logits(model)).perplexity
-    return result, loaded, model, val_rows, virtual_tokens_in_logits(model)
+    return result, run.loaded, model, run.val_rows, virtual_tokens_in_logits(model)
 
 
 def memory_bandwidth(mib: int = 256, repeats: int = 5) -> float:
@@ -326,6 +358,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="also time softprompt's path with these overrides (per-change gains), e.g. "
                         "no_fast_loss:training.fast_loss=false")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: where one training step's time goes (torch.profiler; --steps profiled steps, "
+                        "default 4)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     return p.parse_args(argv)
 
@@ -340,7 +375,8 @@ def main(argv=None) -> int:
     """`python scripts/bench.py ...` / the console script softprompt-bench: prints the JSON.
     With `--sweep SWEEP.yaml`: a sweep alone-per-job vs shared (softprompt.experiments.sweep_bench).
     With `--run-split`: where the wall time of one `make run` goes (`run_split`).
-    With `--memory`: peak memory per base and setting (softprompt.experiments.memory_bench)."""
+    With `--memory`: peak memory per base and setting (softprompt.experiments.memory_bench).
+    With `--profile`: where one training step's time goes (softprompt.experiments.step_profile)."""
     from softprompt.core.quiet import quiet_third_party
 
     quiet_third_party()  # before PEFT is imported: with bitsandbytes installed, its import talks
@@ -356,6 +392,11 @@ def main(argv=None) -> int:
         from softprompt.experiments.memory_bench import run_memory
 
         run_memory(args)
+        return 0
+    if "--profile" in args:
+        from softprompt.experiments.step_profile import run_profile
+
+        run_profile(args)
         return 0
     measure(argv)
     return 0
@@ -451,16 +492,29 @@ def run_split(argv: list[str]) -> dict:
     return result
 
 
-def measure(argv=None) -> dict:
+@dataclass
+class Setup:
+    """What a bench run composes from its arguments: the seed recipe's config (`base`), softprompt's
+    (`ours`: with `--set`), the overrides both share, the device, precision and rows."""
+
+    base: Any
+    ours: Any
+    overrides: list[str]
+    device: torch.device
+    precision: str
+    splits: Any
+    threads: int
+
+
+def setup(args: argparse.Namespace) -> Setup:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("SOFTPROMPT_QUIET", "1")
-    args = parse_args(argv)
     from hydra import compose, initialize_config_dir
-    from transformers import set_seed
 
     from softprompt.core.config import CONF_DIR, validate
+    from softprompt.core.device import resolve_device
+    from softprompt.core.precision import resolve_precision
     from softprompt.data.loading import load_splits
-    from softprompt.core.precision import autocast_dtype, resolve_precision
 
     threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
@@ -474,19 +528,45 @@ def measure(argv=None) -> dict:
         base_cfg = compose(config_name="config", overrides=overrides)
         ours_cfg = compose(config_name="config", overrides=overrides + list(args.set))
     validate(ours_cfg)
-    from softprompt.core.device import resolve_device
-
     device = resolve_device(args.device)
     precision = resolve_precision(ours_cfg.training.precision, device)
-    splits = load_splits(base_cfg.dataset, base_cfg.seed)
-    steps = args.steps or math.ceil(len(splits.train) / args.batch_size)
+    return Setup(base_cfg, ours_cfg, overrides, device, precision, load_splits(base_cfg.dataset, base_cfg.seed),
+                 threads)
+
+
+def describe(args: argparse.Namespace, run: Setup, steps: int) -> dict:
+    """The JSON's head: what was measured, on what."""
     # the file's name and the rows' fingerprint name the data; the path is only this machine's
     data_name = args.data if args.data == "bundled" else Path(args.data).name
-    result: dict = {"model": args.model, "data": data_name, "data_fingerprint": splits.fingerprint(),
-                    "train_rows": len(splits.train),
-                    "batch_size": args.batch_size, "timed_steps": steps, "warmup_steps": args.warmup_steps,
-                    "precision": precision, "threads": threads, "overrides": list(args.set), "device": str(device),
-                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()}
+    device = run.device
+    return {"model": args.model, "data": data_name, "data_fingerprint": run.splits.fingerprint(),
+            "train_rows": len(run.splits.train), "batch_size": args.batch_size, "timed_steps": steps,
+            "warmup_steps": args.warmup_steps, "precision": run.precision, "threads": run.threads,
+            "overrides": list(args.set), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()}
+
+
+def run_info() -> dict:
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version(), "cpu_flags": _cpu_flags(), "commit": git_commit()}
+
+
+def measure(argv=None) -> dict:
+    args = parse_args(argv)
+    from hydra import compose, initialize_config_dir
+    from transformers import set_seed
+
+    from softprompt.core.config import CONF_DIR
+    from softprompt.core.precision import autocast_dtype, resolve_precision
+
+    run = setup(args)
+    base_cfg, ours_cfg, overrides, device, precision, splits = (run.base, run.ours, run.overrides, run.device,
+                                                                 run.precision, run.splits)
+    steps = args.steps or math.ceil(len(splits.train) / args.batch_size)
+    result = describe(args, run, steps)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     # measured before and after training, the larger kept: one reading can be disturbed by load
     peak_before = matmul_peak_flops(dtype, device=device)
@@ -520,12 +600,7 @@ def measure(argv=None) -> dict:
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         result["peak_cuda_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    import peft
-    import transformers
-
-    result["run_info"] = {"torch": torch.__version__, "transformers": transformers.__version__,
-                          "peft": peft.__version__, "python": platform.python_version(),
-                          "cpu_flags": _cpu_flags(), "commit": git_commit()}
+    result["run_info"] = run_info()
     text = json.dumps(result, indent=2)
     print(text, flush=True)
     if args.out:
