@@ -14,8 +14,9 @@ setup: $(PY)
 run: $(PY)
 	$(PY) train.py experiment=offline $(ARGS)
 
+# a pytest-xdist worker per core (at most 4), each test file on one worker (its module fixtures built once)
 test: $(PY)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadfile $(ARGS)
 
 clean:
 	rm -rf outputs multirun

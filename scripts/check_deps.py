@@ -32,6 +32,7 @@ NOT_IMPORTED = {
     "accelerate": "transformers needs it to load models with device placement / low memory use",
     "hydra-submitit-launcher": "a Hydra launcher plugin, loaded by name (hydra/launcher=submitit_slurm)",
     "pytest-timeout": "a pytest plugin (--timeout in pyproject's addopts)",
+    "pytest-xdist": "a pytest plugin (`make test` runs the suite with -n auto)",
     "import-linter": "the `lint-imports` command the layer test runs",
     "pytest": "the test runner (tests import it too)",
 }

@@ -33,4 +33,5 @@ if [ -n "${LOWEST_TESTS:-}" ]; then
 else
     selection=()  # pyproject's testpaths: the whole suite
 fi
-"$LOW/bin/python" -m pytest -q -p no:cacheprovider --durations=10 "${selection[@]}"
+# as `make test` runs it: a pytest-xdist worker per core
+"$LOW/bin/python" -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile --durations=10 "${selection[@]}"

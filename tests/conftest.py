@@ -18,6 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # the checkout under test, also from a git worktree
 
 _TMP = Path(tempfile.mkdtemp(prefix="softprompt-tests-"))
+# Under pytest-xdist (`make test` runs a worker per core) the workers of one run share softprompt's
+# cache: the converted SmolLM2 is built once, not once per worker. The cache is made for concurrent
+# processes (each entry built once, atomically: tests/test_cache.py); tests that need a cold one set
+# their own.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+_CACHE = Path(tempfile.gettempdir()) / f"softprompt-tests-cache-{_RUN}" if _RUN else _TMP / "softprompt-cache"
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
@@ -27,7 +33,7 @@ OFFLINE_ENV = {
     "HF_HOME": str(_TMP / "hf"),
     "HF_DATASETS_CACHE": str(_TMP / "hf" / "datasets"),
     "XDG_CACHE_HOME": str(_TMP / "xdg"),
-    "SOFTPROMPT_CACHE": str(_TMP / "softprompt-cache"),
+    "SOFTPROMPT_CACHE": str(_CACHE),
     "WANDB_CACHE_DIR": str(_TMP / "wandb-cache"),
     "WANDB_CONFIG_DIR": str(_TMP / "wandb-config"),
     "WANDB_DATA_DIR": str(_TMP / "wandb-data"),
