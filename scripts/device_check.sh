@@ -3,7 +3,7 @@
 #   1. the CUDA-marked tests (pytest -m cuda);
 #   2. a single run's training tokens/s and MFU (against the GPU's bf16 matmul peak measured in the
 #      same process) vs the seed recipe, and generation/evaluation vs plain generate/forward
-#      (scripts/bench.py);
+#      (scripts/bench.py), and the same step with training.torch_compile=true;
 #   3. sweeps/pack_small.yaml alone vs shared, with training.pack_forward=turns and =concat
 #      (scripts/bench.py --sweep).
 # Everything lands in one JSON (default device-check.json; the parts in device-check/).
@@ -46,10 +46,13 @@ if [ "$QUICK" = 1 ]; then
     SWEEP_SET=(model="$MODEL" dataset=prompts_sample dataset.max_samples=20 training.max_length=24
                eval.max_new_tokens=4 eval.num_heldout_generations=0 eval.train_perplexity_rows=4 wandb.mode=disabled)
     TESTS=(tests/test_device.py)
+    VARIANTS=()
 else
     STEPS=()
     SWEEP_SET=(model="$MODEL" dataset=prompts_sample wandb.mode=disabled)
     TESTS=(tests)
+    # training.torch_compile's step (compile time in its warmup_step_s) against the eager default
+    VARIANTS=(--variant compiled:training.torch_compile=true)
 fi
 
 tests() {
@@ -60,7 +63,8 @@ tests() {
     fi
 }
 single() {
-    part single 150 "$PY" scripts/bench.py --model "$MODEL" --device "$DEVICE" "${STEPS[@]}" --out "$PARTS/single.json"
+    part single 300 "$PY" scripts/bench.py --model "$MODEL" --device "$DEVICE" "${STEPS[@]}" "${VARIANTS[@]}" \
+        --out "$PARTS/single.json"
 }
 pack() {  # pack FORWARD: sweeps/pack_small.yaml alone vs shared with that pack forward
     part "pack-$1" 120 "$PY" scripts/bench.py --sweep sweeps/pack_small.yaml --root "$PARTS/pack-$1-runs" \
@@ -89,10 +93,13 @@ for name in ("tests", "single", "pack-turns", "pack-concat"):
     if name == "tests":
         result[name]["summary"] = log[-1] if log else ""
 single = result["single"].get("result", {})
+compiled = single.get("variants", {}).get("compiled", {})  # absent in a --quick dry run
 result["summary"] = {
     "device_name": single.get("device_name"), "ratio_vs_seed_recipe": single.get("ratio"), "mfu": single.get("mfu"),
     "generation_ratio_to_plain": single.get("generation_ratio_to_plain"),
     "eval_ratio_to_plain": single.get("eval_ratio_to_plain"),
+    "torch_compile_speedup": 1 / compiled["speedup_of_default"] if compiled else None,
+    "torch_compile_warmup_step_s": compiled.get("warmup_step_s"),
     **{f"pack_{f}_ratio": result[f"pack-{f}"].get("result", {}).get("ratio") for f in ("turns", "concat")},
     **{f"pack_{f}_max_rel_diff": result[f"pack-{f}"].get("result", {}).get("max_rel_diff_eval_perplexity")
        for f in ("turns", "concat")},

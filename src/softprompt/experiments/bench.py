@@ -132,6 +132,7 @@ class OneLane:
     rows: list
     val_rows: list
     autocast: torch.dtype | None
+    decoder: torch.nn.Module | None = None  # training.torch_compile: compiled at the first step
     _order: tuple = (-1, ())  # (epoch, its batches): the order is made once per epoch
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
@@ -151,7 +152,7 @@ class OneLane:
         from softprompt.train.step import train_step
 
         return train_step([self.lane], [batch], self.loaded.model, step, forward="turns", device=self.device,
-                          autocast=self.autocast)
+                          autocast=self.autocast, decoder=self.decoder)
 
 
 def one_lane(cfg, splits, total: int, precision: str) -> OneLane:
@@ -168,7 +169,13 @@ def one_lane(cfg, splits, total: int, precision: str) -> OneLane:
     rows = tokenize(splits.train, loaded.tokenizer, cfg.training.max_length, tokenizer_id)
     val_rows = tokenize(splits.validation, loaded.tokenizer, cfg.training.max_length, tokenizer_id)
     lane = new_lane(cfg, loaded, Data(splits, rows, val_rows, [], [], None, False, 0.0), [], total)
-    return OneLane(cfg, place.device, loaded, lane, rows, val_rows, torch.bfloat16 if precision == "bf16" else None)
+    decoder = None
+    if cfg.training.torch_compile and lane.fast_loss:
+        from softprompt.train.compile import compiled_decoder
+
+        decoder = compiled_decoder(loaded.model)
+    return OneLane(cfg, place.device, loaded, lane, rows, val_rows, torch.bfloat16 if precision == "bf16" else None,
+                   decoder)
 
 
 def softprompt_path(cfg, splits, steps: int, warmup_steps: int, precision: str):
@@ -186,6 +193,7 @@ def softprompt_path(cfg, splits, steps: int, warmup_steps: int, precision: str):
     result = _timed(marks, warmup_steps, start)
     result["rows_tokens_total"] = sum(len(r) for r in run.rows)
     result["fast_loss"] = run.lane.fast_loss
+    result["torch_compile"] = run.decoder is not None  # then warmup_step_s holds the compile time
     model = run.lane.model
     # the A/B check that a speed change does not cost quality: held-out perplexity after these steps
     from softprompt.evaluation.perplexity import perplexity

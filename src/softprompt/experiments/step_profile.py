@@ -150,7 +150,8 @@ def run_profile(argv: list[str]) -> dict:
         sync()
         return time.perf_counter() - start
 
-    result["warmup_s"] = timed(0, args.warmup_steps)
+    result["torch_compile"] = lane.decoder is not None
+    result["warmup_s"] = timed(0, args.warmup_steps)  # with torch_compile: the compile time
     result["seconds_per_step"] = timed(args.warmup_steps, steps) / steps
     first, real, padded = args.warmup_steps + steps, 0, 0
 

@@ -41,12 +41,14 @@ def labelled_positions(labels: torch.Tensor, n_virtual: int) -> torch.Tensor:
 
 def prompt_tuning_loss(peft_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                        num_items: int | torch.Tensor | None = None, chunk_rows: int | None = None,
-                       positions: torch.Tensor | None = None) -> torch.Tensor:
+                       positions: torch.Tensor | None = None, decoder: torch.nn.Module | None = None) -> torch.Tensor:
     """Mean next-token NLL over the labelled text tokens (or sum / `num_items` when given).
     `positions`: `labelled_positions(labels, num_virtual_tokens)` on the model's device (the
-    training step passes them; without them the labels' mask is read on the device)."""
+    training step passes them; without them the labels' mask is read on the device).
+    `decoder`: the base's decoder compiled (training.torch_compile), else the base's own."""
     base = peft_model.get_base_model()
-    decoder = base.base_model  # LlamaModel / BloomModel: the layers without the lm_head
+    if decoder is None:
+        decoder = base.base_model  # LlamaModel / BloomModel: the layers without the lm_head
     lm_head = base.get_output_embeddings()
     embeds = base.get_input_embeddings()(input_ids)
     batch = input_ids.shape[0]

@@ -308,6 +308,9 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
         step, lanes, waiting = _restore(saved, members, loaded)
         forward = saved.state["forward"]  # the way the first attempt chose: no second calibration
 
+    # training.torch_compile: compiled once for the pack, before the forward is chosen (which it times)
+    decoder, compile_s = _compile(lanes, loaded, place, precision, _say(log, main)) \
+        if first.training.torch_compile else (None, None)
     concat_ok = len(lanes) > 1 and all(lane.fast_loss for lane in lanes)
     if forward == "concat" and not concat_ok and len(configs) > 1:
         _say(log, main)("pack: training.pack_forward=concat needs prompt tuning or p-tuning on a supported model "
@@ -320,12 +323,12 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
             _say(log, main)(f"pack: forward turns ({rows} rows per step is too many for one concatenated forward; "
                             f"training.pack_max_rows splits the pack)")
         elif concat_ok and max(lane.end for lane in lanes) >= CALIBRATION_MIN_STEPS:
-            forward, calibration = _calibrate(lanes, loaded, place, precision, _say(log, main))
+            forward, calibration = _calibrate(lanes, loaded, place, precision, _say(log, main), decoder)
     elif forward == "concat" and not concat_ok:
         forward = "turns"
 
     pack_info = {"jobs": len(configs), "trunks": len(trunks), "forward": forward,
-                 "calibration_s": calibration, "members": [d.name for d in dirs]}
+                 "calibration_s": calibration, "compile_s": compile_s, "members": [d.name for d in dirs]}
     for trunk in trunks:
         group = [members[i] for i in trunk]
         lengths = [m.total for m in group]
@@ -352,7 +355,7 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
                         RunDir(m.out).write_wandb_run_id(m.tracker.run_id)
         try:
             _train(members, lanes, waiting, step, loaded, place, clock, forward, calibration, precision, log, watch,
-                   on_step)
+                   on_step, decoder)
         except preemption.Preempted as exc:
             for m in members:
                 if m.tracker is not None:
@@ -369,7 +372,8 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
 
 
 def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], step: int, loaded, place: "Placement",
-           clock: Clock, forward: str, calibration, precision: str, log, watch, on_step) -> None:
+           clock: Clock, forward: str, calibration, precision: str, log, watch, on_step,
+           decoder: torch.nn.Module | None = None) -> None:
     """Every lane one step at a time, in lock-step, until every job is trained and written."""
     first = members[0].cfg
     settings = first.training
@@ -404,7 +408,7 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
             order = orders[lane.seed, epoch]
             batches.append(collate([{"input_ids": lane.data.train_rows[k]} for k in order[batch]]))
         result = train_step(lanes, batches, loaded.model, step, forward=forward, device=place.device,
-                            autocast=autocast, world=world)
+                            autocast=autocast, world=world, decoder=decoder)
         for lane, value, tokens, norm, lr in zip(list(lanes), result.losses, result.tokens, result.grad_norms,
                                                  result.rates):
             if not math.isfinite(value):
@@ -678,7 +682,39 @@ def _pad_id(lane: Lane) -> int:
 # --- auto: which way is faster here ----------------------------------------------------------------
 
 
-def _calibrate(lanes: list[Lane], loaded, place: "Placement", precision: str, log) -> tuple[str, dict[str, float]]:
+def _compile(lanes: list[Lane], loaded, place: "Placement", precision: str,
+             log) -> tuple[torch.nn.Module | None, float | None]:
+    """training.torch_compile: the base's decoder compiled for the lanes of the hidden-state loss,
+    then one forward and backward of their first batches through it (no optimizer step: nothing
+    moves), so that compiling happens here, timed, and not inside the first step."""
+    from softprompt.train.compile import compiled_decoder
+
+    eager = sorted({lane.members[0].cfg.peft.method for lane in lanes if not lane.fast_loss})
+    if eager:
+        log(f"training.torch_compile: {', '.join(eager)} trains through PEFT's forward, which runs eager; "
+            "the decoder is compiled for the hidden-state loss (prompt tuning, p-tuning) only")
+    fast = [lane for lane in lanes if lane.fast_loss]
+    if not fast:
+        return None, None
+    decoder = compiled_decoder(loaded.model)
+    settings = fast[0].members[0].cfg.training
+    collate = PaddingCollator(loaded.tokenizer.pad_token_id)
+    batches = [collate([{"input_ids": lane.data.train_rows[k]} for k in epoch_batches(
+        lane.data.lengths, settings.batch_size, lane.seed, 0, settings.group_by_length, place.rank, place.world)[0]])
+        for lane in fast]
+    start = time.perf_counter()
+    with torch.random.fork_rng():
+        forward_backward(fast, batches, loaded.model, "turns", place.device,
+                         torch.bfloat16 if precision == "bf16" else None, decoder)
+    for lane in fast:
+        lane.optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    log(f"training.torch_compile: the decoder compiled in {seconds:.1f} s (with one forward and backward)")
+    return decoder, seconds
+
+
+def _calibrate(lanes: list[Lane], loaded, place: "Placement", precision: str, log,
+               decoder: torch.nn.Module | None = None) -> tuple[str, dict[str, float]]:
     """Time a forward+backward of the first batches both ways (no optimizer step: nothing moves).
     Returns the faster way and the seconds of one step each way."""
     settings = lanes[0].members[0].cfg.training
@@ -694,7 +730,7 @@ def _calibrate(lanes: list[Lane], loaded, place: "Placement", precision: str, lo
             for way in best:
                 t0 = time.perf_counter()
                 forward_backward(lanes, batches, loaded.model, way, place.device,
-                                  torch.bfloat16 if precision == "bf16" else None)
+                                  torch.bfloat16 if precision == "bf16" else None, decoder)
                 seconds = time.perf_counter() - t0
                 for lane in lanes:
                     lane.optimizer.zero_grad(set_to_none=True)
@@ -725,6 +761,7 @@ def _trained(m: Member, lane: Lane, precision: str, started: float, real_tokens:
         keys.TRAIN_RESUMED_FROM_STEP: resumed_from,
         keys.PACK_JOBS: len(m.config["pack"]["members"]), keys.PACK_FORWARD: forward,
         keys.PACK_TRUNK_STEPS: m.trunk_steps} | (
+        {keys.TRAIN_COMPILE_S: m.config["pack"]["compile_s"]} if m.config["pack"].get("compile_s") else {}) | (
         {keys.SWEEP_TERMINATED_AT_EPOCH: epoch + (batch + 1) / per_epoch} if m.stopped else {}))
 
 

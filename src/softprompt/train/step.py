@@ -38,10 +38,12 @@ class StepResult:
 
 
 def train_step(lanes: list, batches: list[dict[str, torch.Tensor]], base, step: int, *, forward: str,
-               device: torch.device, autocast: torch.dtype | None, world: int = 1) -> StepResult:
-    """Step `step` (0-based) of every lane on its batch (`batches[i]` for `lanes[i]`, on the host)."""
+               device: torch.device, autocast: torch.dtype | None, world: int = 1,
+               decoder: torch.nn.Module | None = None) -> StepResult:
+    """Step `step` (0-based) of every lane on its batch (`batches[i]` for `lanes[i]`, on the host).
+    `decoder`: the base's decoder compiled (softprompt.train.compile), for the hidden-state loss."""
     local_tokens = [len(b["labelled"]) for b in batches]  # the rows' own tokens, counted on the host
-    values = forward_backward(lanes, batches, base, forward, device, autocast)
+    values = forward_backward(lanes, batches, base, forward, device, autocast, decoder)
     if world > 1:
         values, tokens = _over_ranks(lanes, values, local_tokens, device, world)
     else:
@@ -74,12 +76,12 @@ def log_row(step: int, loss: float, lr: float, grad_norm: float, per_epoch: int)
 
 
 def forward_backward(lanes: list, batches: list[dict], base, forward: str, device: torch.device,
-                      autocast: torch.dtype | None) -> list[float]:
+                      autocast: torch.dtype | None, decoder: torch.nn.Module | None = None) -> list[float]:
     """Each lane's loss value on this rank; gradients are in each lane's prompt. A lane whose loss
     is not finite gets no backward."""
     if forward == "concat" and len(lanes) > 1:
         with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            losses = concat_losses(lanes, batches, base, device)
+            losses = concat_losses(lanes, batches, base, device, decoder)
         values = [float(loss.detach()) for loss in losses]
         finite = [loss for loss, v in zip(losses, values) if math.isfinite(v)]
         if finite:
@@ -94,7 +96,7 @@ def forward_backward(lanes: list, batches: list[dict], base, forward: str, devic
                 n = virtual_tokens_in_logits(lane.model)
                 positions = _positions(batch["labelled"], n, n + batch["input_ids"].shape[1] - 1).to(device)
                 loss = prompt_tuning_loss(lane.model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
-                                          positions=positions)
+                                          positions=positions, decoder=decoder)
             else:  # PEFT's forward: the mean NLL over the labelled tokens, as the fast loss
                 loss = lane.model(**inputs).loss
         value = loss.item()  # the step's one sync per lane: the finiteness check and the logged loss
@@ -135,11 +137,13 @@ def _positions(labelled: torch.Tensor, n_virtual: int, width: int) -> torch.Tens
     return labelled[:, 0] * width + labelled[:, 1] + (n_virtual - 1)
 
 
-def concat_losses(lanes: list, batches: list[dict], base, device: torch.device) -> list[torch.Tensor]:
+def concat_losses(lanes: list, batches: list[dict], base, device: torch.device,
+                  decoder: torch.nn.Module | None = None) -> list[torch.Tensor]:
     """One forward through the frozen base for the rows of all lanes, each row behind its own
     lane's soft prompt: `[prompt_j, text, padding]`, right-padded to the longest. Returns each
     lane's mean NLL over its own labelled tokens (what `prompt_tuning_loss` returns for it alone)."""
-    decoder, lm_head, embed = base.base_model, base.get_output_embeddings(), base.get_input_embeddings()
+    decoder = decoder if decoder is not None else base.base_model
+    lm_head, embed = base.get_output_embeddings(), base.get_input_embeddings()
     pieces, masks, targets = [], [], []
     for lane, inputs in zip(lanes, batches):
         lane.model.train()
