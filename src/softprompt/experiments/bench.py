@@ -33,9 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
 
-from softprompt.models.flops import matmul_params
+from softprompt.core.quiet import quiet_third_party
+
+# before transformers' Trainer machinery is imported: where bitsandbytes is installed (the
+# quantization extra) that import imports it, and its import talks
+quiet_third_party()
+from transformers import TrainerCallback  # noqa: E402
+
+from softprompt.models.flops import matmul_params  # noqa: E402
 
 SEED_MAX_LENGTH = 1024  # "no truncation" with a sane cap: the longest prompt CSV row is ~380 tokens
 FLOPS_FORMULA = ("4 * N per real token: forward 2N + backward 2N (activation gradients only; the base "
@@ -385,9 +391,6 @@ def main(argv=None) -> int:
     With `--run-split`: where the wall time of one `make run` goes (`run_split`).
     With `--memory`: peak memory per base and setting (softprompt.experiments.memory_bench).
     With `--profile`: where one training step's time goes (softprompt.experiments.step_profile)."""
-    from softprompt.core.quiet import quiet_third_party
-
-    quiet_third_party()  # before PEFT is imported: with bitsandbytes installed, its import talks
     args = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--sweep" or a.startswith("--sweep=") for a in args):
         from softprompt.experiments.sweep_bench import main as sweep_main
