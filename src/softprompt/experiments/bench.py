@@ -158,7 +158,8 @@ class OneLane:
         from softprompt.train.step import train_step
 
         return train_step([self.lane], [batch], self.loaded.model, step, forward="turns", device=self.device,
-                          autocast=self.autocast, decoder=self.decoder)
+                          autocast=self.autocast, decoder=self.decoder,
+                          attention_backward=self.cfg.training.attention_backward)
 
 
 def one_lane(cfg, splits, total: int, precision: str) -> OneLane:

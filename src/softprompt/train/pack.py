@@ -408,7 +408,8 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
             order = orders[lane.seed, epoch]
             batches.append(collate([{"input_ids": lane.data.train_rows[k]} for k in order[batch]]))
         result = train_step(lanes, batches, loaded.model, step, forward=forward, device=place.device,
-                            autocast=autocast, world=world, decoder=decoder)
+                            autocast=autocast, world=world, decoder=decoder,
+                            attention_backward=settings.attention_backward)
         for lane, value, tokens, norm, lr in zip(list(lanes), result.losses, result.tokens, result.grad_norms,
                                                  result.rates):
             if not math.isfinite(value):
@@ -705,7 +706,7 @@ def _compile(lanes: list[Lane], loaded, place: "Placement", precision: str,
     start = time.perf_counter()
     with torch.random.fork_rng():
         forward_backward(fast, batches, loaded.model, "turns", place.device,
-                         torch.bfloat16 if precision == "bf16" else None, decoder)
+                         torch.bfloat16 if precision == "bf16" else None, decoder, settings.attention_backward)
     for lane in fast:
         lane.optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
@@ -730,7 +731,7 @@ def _calibrate(lanes: list[Lane], loaded, place: "Placement", precision: str, lo
             for way in best:
                 t0 = time.perf_counter()
                 forward_backward(lanes, batches, loaded.model, way, place.device,
-                                  torch.bfloat16 if precision == "bf16" else None, decoder)
+                                  torch.bfloat16 if precision == "bf16" else None, decoder, settings.attention_backward)
                 seconds = time.perf_counter() - t0
                 for lane in lanes:
                     lane.optimizer.zero_grad(set_to_none=True)
