@@ -236,3 +236,58 @@ def test_resume_after_sigkill_keeps_decisions_and_does_not_retrain(killed_and_re
     assert metrics[keys.TRAIN_RESUMED_FROM_STEP] == 2 and metrics[keys.TRAIN_STEPS] == 1
     (pack,) = json.loads((sweep_dir / "packs.json").read_text())["packs"]
     assert [r["state"] for r in pack["results"].values()] == ["finished"] * 3  # a stop is a result
+
+
+# --- online: a controller's stop (stop_fn) against a SIGTERM, simulated offline ------------------------
+
+
+@pytest.mark.parametrize("controller_stops", [True, False], ids=["controller-stop", "preemption"])
+def test_sigterm_is_a_stop_only_when_the_controller_stopped_the_run(tmp_path, monkeypatch, controller_stops):
+    from conftest import compose
+    from test_sweeps import FAST
+
+    from softprompt.train import pack, preemption
+
+    stops = []
+    original = pack._stopper
+    monkeypatch.setattr(pack, "_stopper", lambda m: stops.append(original(m)) or stops[-1])
+    monkeypatch.setenv("WANDB_SWEEP_ID", "simulated")  # `wandb agent`'s run: a SIGTERM waits for the stop
+
+    def agent(step: int, _tokens: int) -> None:  # after the first step: what `wandb agent` does on a stop
+        if step == 1:
+            if controller_stops:
+                stops[0]()  # the SDK's report of the controller's stop (W&B's thread, here at once)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = compose(["model=tiny-llama", *FAST, "training.epochs=2"])
+    out = tmp_path / "run"
+    if controller_stops:
+        (member,) = pack.run_pack([cfg], [out], [[0]], on_step=agent)
+        assert member.state == "finished" and member.stopped
+        metrics = RunDir(out).read_metrics()
+        assert metrics[keys.SWEEP_TERMINATED_AT_EPOCH] == 1.0 and metrics[keys.TRAIN_STEPS] == 1
+        assert RunDir(out).read_preempted() is None  # a rerun has nothing to resume
+    else:
+        monkeypatch.setattr(pack, "STOP_GRACE_S", 0.3)
+        with pytest.raises(preemption.Preempted) as info:
+            pack.run_pack([cfg], [out], [[0]], on_step=agent)
+        assert info.value.exit_status == 143 and info.value.step == 1 and info.value.checkpoint is not None
+        assert RunDir(out).read_preempted() == "SIGTERM" and not RunDir(out).finished
+
+
+def test_report_lists_stopped_runs_apart(killed_and_resumed):
+    from softprompt.experiments.report import build_report, report_html, report_markdown
+
+    sweep_dir, before, _ = killed_and_resumed
+    (name,) = [n for n, r in before.items() if r["stopped_at"] is not None]
+    report = build_report([sweep_dir])
+    assert sorted(r.name for r in report.runs) == sorted({"0", "1", "2"} - {name})
+    assert [r.name for r in report.stopped] == [name]
+    assert report.runs[report.best].metrics.get(keys.SWEEP_TERMINATED_AT_EPOCH) is None
+    header, rows = report.stopped_rows()
+    assert rows[0][0] == name and rows[0][header.index("stopped after epoch")] == "1"
+    markdown = report_markdown(report, [])
+    runs_table = markdown.split("## Runs")[1].split("## Stopped early")[0]
+    row_names = lambda text: [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]
+    assert name not in row_names(runs_table) and name in row_names(markdown.split("## Stopped early")[1])
+    assert "<h2>Stopped early</h2>" in report_html(report, [])

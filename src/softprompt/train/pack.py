@@ -58,6 +58,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -443,6 +445,9 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
             time.sleep(delay)  # test-only: slows a tiny pack so a test can kill it on time
         # jobs that W&B stopped end here, as results of the steps they trained (every rank alike)
         pending = [m for lane in lanes for m in lane.members]
+        if main and watch.requested() == signal.SIGTERM and controller_stopped(pending):
+            watch.forget()  # `wandb agent`'s SIGTERM for the runs its controller stopped: a stop, no preemption
+            _say(log, main)("SIGTERM with W&B's stop of every running job: a sweep controller's stop, not a preemption")
         for m, stop in zip(pending, place.any_of([m.stop_requested for m in pending])):
             if stop and m.total > step:
                 m.total, m.stopped = step, True
@@ -522,6 +527,26 @@ def _flush_due(waiting: list[Trained], loaded, clock: Clock, log, flush_rows: in
         written = {id(job) for job in due}  # by identity: a Trained holds tensors
         waiting[:] = [job for job in waiting if id(job) not in written]
         clock.eval_s += time.perf_counter() - t0
+
+
+# under `wandb agent`: how long a SIGTERM waits at the step boundary for W&B's stop of the run (the
+# SDK polls the server for it; the agent sends SIGKILL 30 s after its SIGTERM)
+STOP_GRACE_S = 10.0
+
+
+def controller_stopped(pending: list[Member], grace_s: float | None = None) -> bool:
+    """Whether W&B's controller stopped every job still training: asked of a SIGTERM. A run of
+    `wandb agent` (WANDB_SWEEP_ID set) waits up to `grace_s` for the stop's report to arrive."""
+    if not pending:
+        return False
+    if grace_s is None:
+        grace_s = STOP_GRACE_S if os.environ.get("WANDB_SWEEP_ID") else 0.0
+    deadline = time.monotonic() + grace_s
+    while not all(m.stop_requested for m in pending):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _halve(halving, lanes: list[Lane], step: int, settings, world: int, place: "Placement", log) -> None:
