@@ -291,3 +291,17 @@ def test_report_lists_stopped_runs_apart(killed_and_resumed):
     row_names = lambda text: [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]
     assert name not in row_names(runs_table) and name in row_names(markdown.split("## Stopped early")[1])
     assert "<h2>Stopped early</h2>" in report_html(report, [])
+
+
+def test_bench_halving_best_point_leaves_stopped_jobs_out():
+    from softprompt.experiments.sweep_bench import bench_sweep, best_point
+
+    def job(ppl, state="finished", stopped=None):
+        return {"state": state, "metrics": {keys.EVAL_PERPLEXITY: ppl} | (
+            {keys.SWEEP_TERMINATED_AT_EPOCH: stopped} if stopped else {})}
+
+    jobs = {'{"lr": 0.3}': job(5.0), '{"lr": 0.1}': job(4.0, stopped=2.0), '{"lr": 0.03}': job(3.0, state="failed"),
+            '{"lr": 0.01}': job(6.0)}
+    assert best_point(jobs) == {"lr": 0.3}
+    with pytest.raises(UserError, match="has no early_terminate block"):
+        bench_sweep(str(ROOT / "sweeps" / "tokens_x_epochs.yaml"), [], halving=True)

@@ -413,6 +413,8 @@ controller uses. Each job is one run of `train.py` with the sweep's values plus 
 multirun/sweep-<name>-<time>/<i>/, with its own offline W&B run, grouped by sweep.
 By default jobs that can share train together (epoch trunks, packed prompts: docs/sweeps.md);
 --no-share runs each alone. Every grid point leaves its own run directory either way.
+A file's `early_terminate: {type: hyperband, ...}` stops the losing jobs at epoch boundaries,
+with the epoch as the iteration (docs/sweeps.md "Early termination").
 Then: python scripts/report.py multirun/sweep-<name>-<time>
 """
 
