@@ -430,8 +430,9 @@ def report_markdown(report: Report, plots: list[Path]) -> str:
 
 STOPPED_NOTE = ("Runs that the sweep's early termination (hyperband) stopped, each at the end of the epoch "
                 "named here: their perplexity is that epoch's, not their budget's. They are results, kept "
-                "apart: the runs table, the grid points, the comparisons, the best run and the plots above "
-                "hold only the runs that trained to their end.")
+                "apart: the runs table, the grid points, the comparisons, the best run and the plots hold only "
+                "the runs that trained to their end, except the per-epoch curves, where each stopped run is a "
+                "grey dotted line ending with × at its stop epoch.")
 POINTS_NOTE = ("Runs that differ only in `seed` form one grid point. Mean ± sample standard deviation "
                "(n − 1) over its runs, min–max and n. Each seed also draws its own train/held-out split, "
                "so the spread covers the data split as well as the initialisation and the batch order.")
@@ -629,7 +630,7 @@ def plot_ppl_vs_tokens(report: Report, path: Path) -> Path | None:
 
 def plot_curves(report: Report, path: Path) -> Path | None:
     """Held-out perplexity after each epoch (history.jsonl), one line per grid point: the mean
-    over its seeds, the std as a band."""
+    over its seeds, the std as a band; runs stopped early as grey dotted lines of their own."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -652,6 +653,13 @@ def plot_curves(report: Report, path: Path) -> Path | None:
         if any(s.std for _, s in pts):
             ax.fill_between(xs, [s.mean - s.spread for _, s in pts], [s.mean + s.spread for _, s in pts],
                             color=color, alpha=0.2, linewidth=0)
+    # runs stopped early (hyperband): apart, grey and dotted, their curve ending with x at their stop epoch
+    for k, r in enumerate(report.stopped):
+        pts = [(float(h.get(keys.EPOCH, i + 1)), h[keys.EVAL_PERPLEXITY])
+               for i, h in enumerate(h for h in r.history if _number(h.get(keys.EVAL_PERPLEXITY)) is not None)]
+        if pts:
+            ax.plot([e for e, _ in pts], [v for _, v in pts], linestyle=":", color="0.55", marker="x",
+                    markevery=[len(pts) - 1], label="stopped early (hyperband)" if k == 0 else None)
     _base_lines(ax, report.runs)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("epoch")
