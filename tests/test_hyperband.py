@@ -305,3 +305,16 @@ def test_bench_halving_best_point_leaves_stopped_jobs_out():
     assert best_point(jobs) == {"lr": 0.3}
     with pytest.raises(UserError, match="has no early_terminate block"):
         bench_sweep(str(ROOT / "sweeps" / "tokens_x_epochs.yaml"), [], halving=True)
+
+
+def test_a_failed_job_is_no_longer_running_but_its_values_count(tmp_path):
+    config = dict(SEED_GRID, early_terminate={"type": "hyperband", "min_iter": 1, "eta": 3})
+    hb = halving.Halving(config, tmp_path)
+    assert hb.epoch_end(1, {"f": ("running", [10, 11]), "g": ("running", [10, 5])}) == ["f"]  # sorted[0] = 5
+    hb.record("f", "running", [10, 11])  # as if not decided yet
+    hb.failed("f")
+    assert hb.records()["f"] == {"state": "failed", "history": [10, 11], "stopped_at": None}
+    # band 1 values 11, 5, 6 -> threshold 6: f's value counts, but a failed job is not stopped
+    h = {"h": {"state": "running", "history": [10, 6]}}
+    assert halving.decide(config, hb.records() | h) == []
+    assert halving.decide(config, hb.records() | h | {"f": {"state": "running", "history": [10, 11]}}) == ["f"]

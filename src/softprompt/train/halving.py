@@ -130,6 +130,12 @@ class Halving:
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic.write_json(self._path(name), {"state": state, "history": history, "stopped_at": stopped_at})
 
+    def failed(self, name: str) -> None:
+        """A job whose loss became NaN/inf: no longer running (it is never stopped), its values
+        so far still count, as the controller counts a failed run's history."""
+        record = self.records().get(name, {"history": [], "stopped_at": None})
+        self.record(name, "failed", record["history"], record.get("stopped_at"))
+
     def epoch_end(self, epoch: int, jobs: dict[str, tuple[str, list[float]]]) -> list[str]:
         """This pack's jobs at the end of `epoch` ({name: (running|finished, history)}): records them,
         and returns the running ones to stop now: those stopped here before (a resume), else those

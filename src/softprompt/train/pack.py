@@ -420,6 +420,8 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
                        "training.precision=fp32")
                 for m in lane.members:
                     _fail(m, msg, main, log)
+                    if halving is not None and main:
+                        halving.failed(m.out.name)
                 lanes.remove(lane)
                 continue
             real_tokens += tokens
