@@ -68,6 +68,11 @@ class PackedLauncherConf:
     signal_delay_s: int = 120
     max_num_timeout: int = 3
     setup: Optional[List[str]] = None  # shell lines run before each pack job (both submitit executors)
+    # a W&B sweep's early termination block ({type: hyperband, min_iter: 2, eta: 3}), the epoch as
+    # its iteration, judged on `metric` (empty: eval/perplexity, minimized): softprompt.train.halving.
+    # null: every job trains to its end
+    early_terminate: Any = None
+    metric: Any = None
     # SLURM only (executor=submitit_slurm), named as in hydra-submitit-launcher; null: not asked for
     partition: Optional[str] = None
     qos: Optional[str] = None
@@ -121,6 +126,7 @@ class PackedLauncher(Launcher):
         for sweep_config, task in zip(sweep_configs, task_configs):  # every job's cheap checks, before any job starts
             HydraConfig.instance().set_config(sweep_config)
             preflight.check(task)
+        halving = _halving(self.params, task_configs, sweep_dir)
         steps = dispatch.planned_steps(task_configs) if settings.needs_steps else None
         packs = plan(task_configs, share=self.share, lanes=settings.pack_lanes, devices=settings.devices, steps=steps)
         _log_plan(packs, task_configs, job_overrides, initial_job_idx, settings)
@@ -131,7 +137,7 @@ class PackedLauncher(Launcher):
             jobs.append(dispatch.PackJob(
                 configs=[task_configs[i] for i in pack.jobs], dirs=[str(d) for d in dirs],
                 trunks=[[pack.jobs.index(i) for i in t.jobs] for t in pack.trunks],
-                overrides=[list(job_overrides[i]) for i in pack.jobs], steps=pack.steps))
+                overrides=[list(job_overrides[i]) for i in pack.jobs], steps=pack.steps, halving=halving))
         summary = dispatch.Summary(sweep_dir, settings, jobs)
         outcomes: dict[int, Any] = {}
         for k, job in enumerate(jobs):
@@ -145,7 +151,7 @@ class PackedLauncher(Launcher):
         if settings.executor == "local":
             for k in todo:
                 summary.update(k, state="running")
-                if len(jobs[k].configs) == 1:
+                if len(jobs[k].configs) == 1 and halving is None:
                     returned[k], outcomes[k] = self._run_job(sweep_configs[packs[k].jobs[0]])
                 else:
                     outcomes[k] = dispatch.Outcome("finished", points=jobs[k].run())
@@ -208,6 +214,29 @@ class PackedLauncher(Launcher):
             point = {"state": "failed", "error": f"{type(errors[0]).__name__}: {errors[0]}" if errors else "failed",
                      "metrics": {}}
         return ret, Outcome("finished", points=[point])
+
+
+def _halving(params: dict, task_configs: list, sweep_dir: Path):
+    """hydra.launcher.early_terminate as a sweep's hyperband (None without it), checked against
+    the jobs before any starts: the block's schema (the `sweeps` package's), its iterations within
+    the epoch budget, its metric logged at every epoch."""
+    from softprompt.core.errors import UserError
+    from softprompt.train import halving
+
+    block = params.get("early_terminate")
+    if not block:
+        return None
+    metric = params.get("metric") or {"name": "eval/perplexity", "goal": "minimize"}
+    config = {"method": "grid", "metric": dict(metric), "early_terminate": dict(block),
+              "parameters": {"seed": {"value": 0}}}
+    where = "hydra.launcher.early_terminate"
+    violations = halving.schema_violations(config)
+    if violations:
+        raise UserError(f"{where} is not a valid W&B early_terminate block: {'; '.join(violations)}")
+    halving.check(config, max(int(c.training.epochs) for c in task_configs),
+                  all(bool(c.eval.per_epoch) for c in task_configs),
+                  next((c.training.max_steps for c in task_configs if c.training.max_steps), None), where)
+    return halving.Halving(config, sweep_dir / halving.FOLDER)
 
 
 def _log_plan(packs, task_configs, job_overrides, initial_job_idx: int, settings) -> None:

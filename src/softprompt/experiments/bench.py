@@ -388,7 +388,8 @@ def physical_cores() -> int:
 
 def main(argv=None) -> int:
     """`python scripts/bench.py ...` / the console script softprompt-bench: prints the JSON.
-    With `--sweep SWEEP.yaml`: a sweep alone-per-job vs shared (softprompt.experiments.sweep_bench).
+    With `--sweep SWEEP.yaml`: a sweep alone-per-job vs shared (softprompt.experiments.sweep_bench);
+    `--sweep SWEEP.yaml --halving`: its early termination (hyperband) vs its full grid, both shared.
     With `--run-split`: where the wall time of one `make run` goes (`run_split`).
     With `--memory`: peak memory per base and setting (softprompt.experiments.memory_bench).
     With `--profile`: where one training step's time goes (softprompt.experiments.step_profile)."""

@@ -144,6 +144,9 @@ class Report:
     best: int | None  # index of the run with the lowest tuned perplexity
     points: list[Point] = field(default_factory=list)
     best_point: int | None = None  # index of the point with the lowest mean tuned perplexity
+    # runs that a sweep's early termination stopped (sweep/terminated_at_epoch): results at the epoch
+    # where they stopped, listed apart and never compared with, grouped with or ranked among `runs`
+    stopped: list[RunRecord] = field(default_factory=list)
 
     @property
     def axes(self) -> list[str]:
@@ -207,6 +210,14 @@ class Report:
 
     def table(self) -> str:
         return markdown_table(*self.rows())
+
+    def stopped_rows(self) -> tuple[list[str], list[list[str]]]:
+        header = ["run", *self.swept, "stopped after epoch", "base ppl", "tuned ppl there", "tuned/base", "train s"]
+        rows = [[r.name, *(_fmt(r.config.get(k)) for k in self.swept),
+                 _fmt(r.metrics.get(keys.SWEEP_TERMINATED_AT_EPOCH)), _fmt(r.metrics.get(keys.EVAL_BASE_PERPLEXITY)),
+                 _fmt(r.metrics.get(keys.EVAL_PERPLEXITY)), _fmt(_ratio(r.metrics)),
+                 _fmt(r.metrics.get(keys.TRAIN_RUNTIME_S), 1)] for r in self.stopped]
+        return header, rows
 
 
 def markdown_table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
@@ -354,18 +365,21 @@ def _paired(low: Point, high: Point, key: str) -> list[float]:
 
 def build_report(dirs: list[str | Path]) -> Report:
     runs, skipped = load_runs(dirs)
+    stopped = [r for r in runs if r.metrics.get(keys.SWEEP_TERMINATED_AT_EPOCH) is not None]
+    swept = swept_keys(runs)  # the stopped runs' values too: they are points of the same grid
+    runs = [r for r in runs if r.metrics.get(keys.SWEEP_TERMINATED_AT_EPOCH) is None]
     if not runs:
         raise UserError(f"no finished runs (with {RunDir.METRICS}) in {', '.join(map(str, dirs))}"
+                        + (f"; {len(stopped)} stopped early" if stopped else "")
                         + (f"; {len(skipped)} unfinished" if skipped else ""))
     gen_keys = sorted({k for r in runs for k in r.metrics if k.startswith(GEN_PREFIX)
                        and isinstance(r.metrics[k], (int, float)) and not isinstance(r.metrics[k], bool)})
     scored = [(v, i) for i, r in enumerate(runs) if (v := r.value(keys.EVAL_PERPLEXITY)) is not None]
     best = min(scored)[1] if scored else None
-    swept = swept_keys(runs)
     points = group_points(runs, [k for k in swept if k != SEED])
     point_scores = [(s.mean, i) for i, p in enumerate(points) if (s := p.stat(keys.EVAL_PERPLEXITY))]
     return Report(runs=runs, skipped=skipped, swept=swept, gen_keys=gen_keys, best=best, points=points,
-                  best_point=min(point_scores)[1] if point_scores else None)
+                  best_point=min(point_scores)[1] if point_scores else None, stopped=stopped)
 
 
 def write_report(report: Report, out_dir: str | Path) -> Path:
@@ -381,6 +395,9 @@ def write_report(report: Report, out_dir: str | Path) -> Path:
 def _intro(report: Report) -> str:
     text = ("Held-out perplexity of the base model and of the prompt-tuned model; tuned/base < 1 means the "
             "soft prompt helped.")
+    if report.stopped:
+        text += (f" {len(report.stopped)} runs stopped early (hyperband) are listed apart, under "
+                 "\"Stopped early\".")
     if report.best is None:
         return text + " No run has a finite perplexity."
     text += f" Best run (lowest tuned perplexity): `{report.runs[report.best].name}`."
@@ -399,6 +416,8 @@ def report_markdown(report: Report, plots: list[Path]) -> str:
         if rows:
             lines += ["## Neighbouring grid points", "", COMPARISONS_NOTE, "", markdown_table(header, rows), ""]
     lines += ["## Runs", "", report.table(), ""]
+    if report.stopped:
+        lines += ["## Stopped early", "", STOPPED_NOTE, "", markdown_table(*report.stopped_rows()), ""]
     if report.skipped:
         lines += [f"Skipped (unfinished, no {RunDir.METRICS}): {', '.join(f'`{p}`' for p in report.skipped)}", ""]
     lines += ["## Plots", "", *(f"![{p.stem}]({p.name})" for p in plots), ""]
@@ -409,6 +428,11 @@ def report_markdown(report: Report, plots: list[Path]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+STOPPED_NOTE = ("Runs that the sweep's early termination (hyperband) stopped, each at the end of the epoch "
+                "named here: their perplexity is that epoch's, not their budget's. They are results, kept "
+                "apart: the runs table, the grid points, the comparisons, the best run and the plots hold only "
+                "the runs that trained to their end, except the per-epoch curves, where each stopped run is a "
+                "grey dotted line ending with × at its stop epoch.")
 POINTS_NOTE = ("Runs that differ only in `seed` form one grid point. Mean ± sample standard deviation "
                "(n − 1) over its runs, min–max and n. Each seed also draws its own train/held-out split, "
                "so the spread covers the data split as well as the initialisation and the batch order.")
@@ -606,7 +630,7 @@ def plot_ppl_vs_tokens(report: Report, path: Path) -> Path | None:
 
 def plot_curves(report: Report, path: Path) -> Path | None:
     """Held-out perplexity after each epoch (history.jsonl), one line per grid point: the mean
-    over its seeds, the std as a band."""
+    over its seeds, the std as a band; runs stopped early as grey dotted lines of their own."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -629,6 +653,13 @@ def plot_curves(report: Report, path: Path) -> Path | None:
         if any(s.std for _, s in pts):
             ax.fill_between(xs, [s.mean - s.spread for _, s in pts], [s.mean + s.spread for _, s in pts],
                             color=color, alpha=0.2, linewidth=0)
+    # runs stopped early (hyperband): apart, grey and dotted, their curve ending with x at their stop epoch
+    for k, r in enumerate(report.stopped):
+        pts = [(float(h.get(keys.EPOCH, i + 1)), h[keys.EVAL_PERPLEXITY])
+               for i, h in enumerate(h for h in r.history if _number(h.get(keys.EVAL_PERPLEXITY)) is not None)]
+        if pts:
+            ax.plot([e for e, _ in pts], [v for _, v in pts], linestyle=":", color="0.55", marker="x",
+                    markevery=[len(pts) - 1], label="stopped early (hyperband)" if k == 0 else None)
     _base_lines(ax, report.runs)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("epoch")
@@ -781,6 +812,9 @@ def report_html(report: Report, plots: list[Path]) -> str:
             parts += ["<h2>Neighbouring grid points</h2>", f'<p class="note">{_cell_html(COMPARISONS_NOTE)}</p>',
                       _html_table(header, rows)]
     parts += ["<h2>Runs</h2>", _html_table(*report.rows())]
+    if report.stopped:
+        parts += ["<h2>Stopped early</h2>", f'<p class="note">{_cell_html(STOPPED_NOTE)}</p>',
+                  _html_table(*report.stopped_rows())]
     if report.skipped:
         parts.append(f'<p class="note">Skipped (unfinished, no {RunDir.METRICS}): '
                      f'{", ".join(html.escape(str(p)) for p in report.skipped)}</p>')

@@ -51,6 +51,10 @@ class Sweep:
     def metric(self) -> dict[str, Any] | None:
         return self.config.get("metric")
 
+    @property
+    def early_terminate(self) -> dict[str, Any] | None:
+        return self.config.get("early_terminate")
+
 
 @dataclass
 class Job:
@@ -61,6 +65,7 @@ class Job:
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    terminated_at_epoch: float | None = None  # hyperband stopped it there (a result, not a failure)
     seconds: float = 0.0
     pack: dict[str, Any] | None = None  # the pack it trained in: its jobs and wall time split (None: alone)
 
@@ -110,6 +115,9 @@ def parse_sweep(raw: dict[str, Any], name: str, path: Path | None = None) -> Swe
         raise UserError(f"{where} is not a valid W&B sweep: {'; '.join(violations)}")
     if config["method"] == "bayes" and not config.get("metric"):
         raise UserError(f"{where}: method bayes needs a `metric` (e.g. name: eval/perplexity, goal: minimize)")
+    if config.get("early_terminate") and config["early_terminate"].get("type") == "hyperband" \
+            and not config.get("metric"):
+        raise UserError(f"{where}: early_terminate needs a `metric` (e.g. name: eval/perplexity, goal: minimize)")
     run_cap = raw.get("run_cap")
     if run_cap is not None and (not isinstance(run_cap, int) or run_cap < 1):
         raise UserError(f"{where}: run_cap must be a positive integer (got {run_cap!r})")
@@ -190,6 +198,22 @@ def check_parameters(sweep: Sweep, extra: list[str]) -> None:
             raise UserError(f"sweep {sweep.name}{what}: {exc}") from exc
 
 
+def check_halving(sweep: Sweep, extra: list[str]) -> None:
+    """A sweep's `early_terminate` against the runs it judges: its iterations within the epoch
+    budget (the most epochs of any job), its metric logged at every epoch."""
+    if not sweep.early_terminate:
+        return
+    from softprompt.train.halving import check
+
+    user_keys = {override_key(o) for o in extra}
+    base = {k: probe_values(v)[0] for k, v in sweep.parameters.items() if k not in user_keys}
+    cfg = compose(merge_overrides(job_overrides(base), extra))
+    epochs = cfg.training.epochs
+    if "training.epochs" in base:
+        epochs = max(int(v) for v in probe_values(sweep.parameters["training.epochs"]))
+    check(sweep.config, epochs, bool(cfg.eval.per_epoch), cfg.training.max_steps, f"sweep {sweep.name}")
+
+
 def _sweep_run(job: Job):
     RunState, SweepRun = _sweeps().RunState, _sweeps().SweepRun
     state = {"finished": RunState.finished, "failed": RunState.failed}.get(job.state, RunState.running)
@@ -245,6 +269,7 @@ def run_sweep(sweep: Sweep, extra: list[str], count: int | None = None, root: st
 
     limit = planned_count(sweep, count)
     check_parameters(sweep, extra)
+    check_halving(sweep, extra)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     sweep_id = f"{sweep.name}-{stamp}"
     sweep_dir = Path(root) / f"sweep-{sweep_id}"
@@ -260,6 +285,11 @@ def run_sweep(sweep: Sweep, extra: list[str], count: int | None = None, root: st
     else:
         batch_size = max(1, pack)
 
+    halving = None
+    if sweep.early_terminate:
+        from softprompt.train.halving import FOLDER, Halving
+
+        halving = Halving(sweep.config, sweep_dir / FOLDER)
     jobs: list[Job] = []
     started = time.perf_counter()
     # jobs done / left and an ETA (tqdm's, from the mean job time so far), on stderr
@@ -278,14 +308,14 @@ def run_sweep(sweep: Sweep, extra: list[str], count: int | None = None, root: st
         overrides = [merge_overrides(job_overrides(j.values) + defaults, extra) for j in batch]
         for job, o in zip(batch, overrides):
             log(f"[sweep {sweep.name}] job {job.index}" + (f"/{limit}" if limit else "") + ": " + " ".join(o))
-        _run_batch(batch, overrides, share, sweep, log)
+        _run_batch(batch, overrides, share, sweep, log, halving)
         _write_state(sweep_dir, sweep, sweep_id, extra, jobs, time.perf_counter() - started)
         bar.update(len(batch))
     bar.close()
     return sweep_dir, jobs
 
 
-def _run_batch(batch: list[Job], overrides: list[list[str]], share: bool, sweep: Sweep, log) -> None:
+def _run_batch(batch: list[Job], overrides: list[list[str]], share: bool, sweep: Sweep, log, halving=None) -> None:
     """Plan the batch into packs and run each: a pack of one as a plain run, larger ones together."""
     from softprompt.train.planner import describe, plan
 
@@ -298,15 +328,17 @@ def _run_batch(batch: list[Job], overrides: list[list[str]], share: bool, sweep:
     configs = [cfg for _, cfg in composed]
     for pack in plan(configs, share=share):
         members = [composed[i][0] for i in pack.jobs]
-        if len(members) == 1:
+        if len(members) == 1 and halving is None:
             _run_job(members[0], configs[pack.jobs[0]])
         else:
             log(f"[sweep {sweep.name}] pack of jobs {', '.join(str(j.index) for j in members)}: "
                 f"{describe(pack, configs)}")
             _run_pack(members, [configs[i] for i in pack.jobs],
-                      [[pack.jobs.index(i) for i in t.jobs] for t in pack.trunks])
+                      [[pack.jobs.index(i) for i in t.jobs] for t in pack.trunks], halving)
         for job in members:
-            log(f"[sweep {sweep.name}] job {job.index} {job.state} in {job.seconds:.1f} s"
+            stopped = f" (hyperband stopped it after epoch {job.terminated_at_epoch:g})" \
+                if job.terminated_at_epoch is not None else ""
+            log(f"[sweep {sweep.name}] job {job.index} {job.state}{stopped} in {job.seconds:.1f} s"
                 + (f": {_metric_line(sweep, job)}" if job.state == "finished" else f": {job.error}"))
 
 
@@ -325,12 +357,12 @@ def _run_job(job: Job, cfg) -> None:
     job.seconds = time.perf_counter() - t0
 
 
-def _run_pack(jobs: list[Job], configs: list, trunks: list[list[int]]) -> None:
+def _run_pack(jobs: list[Job], configs: list, trunks: list[list[int]], halving=None) -> None:
     from softprompt.train.pack import run_pack
 
     t0 = time.perf_counter()
     try:
-        members = run_pack(configs, [j.run_dir for j in jobs], trunks)
+        members = run_pack(configs, [j.run_dir for j in jobs], trunks, halving=halving)
     except UserError as exc:
         for job in jobs:
             job.state, job.error = "failed", str(exc)
@@ -340,6 +372,7 @@ def _run_pack(jobs: list[Job], configs: list, trunks: list[list[int]]) -> None:
         job.state, job.error, job.metrics = member.state, member.error, member.metrics
         job.pack = {"jobs": [j.index for j in jobs]} | member.pack_seconds
         job.history = RunDir(job.run_dir).read_history() if member.state == "finished" else []
+        job.terminated_at_epoch = member.metrics.get(keys.SWEEP_TERMINATED_AT_EPOCH)
     for job in jobs:
         job.seconds = seconds  # the pack's wall time: its jobs trained together
 
@@ -352,11 +385,18 @@ def _metric_line(sweep: Sweep, job: Job) -> str:
 
 def _write_state(sweep_dir: Path, sweep: Sweep, sweep_id: str, extra: list[str], jobs: list[Job],
                  seconds: float) -> None:
+    packs: dict[tuple[int, ...], int] = {}  # each pack's lane-steps, once; a job alone is one lane
+    for j in jobs:
+        if j.pack:
+            packs[tuple(j.pack["jobs"])] = int(j.pack.get("lane_steps", 0))
+        elif j.state == "finished":
+            packs[(j.index,)] = int(j.metrics.get(keys.TRAIN_STEPS, 0))
     state = {
-        "sweep": sweep_id, "file": str(sweep.path) if sweep.path else None, "config": sweep.config,
+        "sweep": sweep_id, "lane_steps": sum(packs.values()), "file": str(sweep.path) if sweep.path else None, "config": sweep.config,
         "run_cap": sweep.run_cap, "overrides": list(extra), "wall_s": round(seconds, 2),
         "jobs": [{"index": j.index, "dir": j.run_dir.name, "values": j.values, "state": j.state,
                   "seconds": round(j.seconds, 2), "error": j.error,
+                  **({"terminated_at_epoch": j.terminated_at_epoch} if j.terminated_at_epoch is not None else {}),
                   "metric": j.metrics.get((sweep.metric or {}).get("name", keys.EVAL_PERPLEXITY)),
                   **({"pack": j.pack} if j.pack else {})} for j in jobs],
     }
@@ -373,6 +413,8 @@ controller uses. Each job is one run of `train.py` with the sweep's values plus 
 multirun/sweep-<name>-<time>/<i>/, with its own offline W&B run, grouped by sweep.
 By default jobs that can share train together (epoch trunks, packed prompts: docs/sweeps.md);
 --no-share runs each alone. Every grid point leaves its own run directory either way.
+A file's `early_terminate: {type: hyperband, ...}` stops the losing jobs at epoch boundaries,
+with the epoch as the iteration (docs/sweeps.md "Early termination").
 Then: python scripts/report.py multirun/sweep-<name>-<time>
 """
 
@@ -403,7 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         report_and_exit(str(exc))
     finished = sum(j.state == "finished" for j in jobs)
-    print(f"sweep {sweep.name}: {finished}/{len(jobs)} jobs finished in {sweep_dir}; "
+    stopped = sum(j.terminated_at_epoch is not None for j in jobs)
+    print(f"sweep {sweep.name}: {finished}/{len(jobs)} jobs finished"
+          + (f" ({stopped} of them stopped early by hyperband)" if sweep.early_terminate else "")
+          + f" in {sweep_dir}; "
           f"compare them with: python scripts/report.py {sweep_dir}", flush=True)
     failed = [j for j in jobs if j.state == "failed"]
     if failed:  # the others are kept; the exit status says that not every point has a result

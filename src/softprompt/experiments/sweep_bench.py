@@ -1,5 +1,7 @@
 """`scripts/bench.py --sweep SWEEP.yaml`: the same sweep trained alone-per-job and shared, timed in
-one invocation, with the largest difference between the two modes' results.
+one invocation, with the largest difference between the two modes' results. With `--halving`: the
+sweep file's early termination (hyperband) against its full grid, both shared: wall time, training
+lane-steps (a step of each lane; a trunk's step counts once) and whether the best point is the same.
 
 Each mode runs in a fresh child process (as `scripts/sweep.py` would: imports and first calls paid
 in both). Both read the same softprompt cache, so whichever ran first would pay the base model's
@@ -27,20 +29,28 @@ from softprompt.core.errors import UserError
 from softprompt.core.rundir import RunDir
 
 MODES = (("shared", True), ("alone", False))
+# --halving: the sweep file's early_terminate against the same grid trained to its end, both shared
+HALVING_MODES = (("full", True), ("hyperband", True))
 WARM = "warm"
 
 
 def bench_sweep(sweep_file: str, overrides: list[str], root: str | Path | None = None, count: int | None = None,
-                log=print) -> dict[str, Any]:
-    from softprompt.experiments.sweep import load_sweep
+                log=print, halving: bool = False) -> dict[str, Any]:
+    from softprompt.experiments.sweep import check_halving, load_sweep
 
     sweep = load_sweep(sweep_file)  # a bad file fails here, before any child starts
+    if halving:
+        if not sweep.early_terminate:
+            raise UserError(f"--halving compares a sweep's early_terminate with its full grid, and {sweep_file} "
+                            "has no early_terminate block (e.g. sweeps/lr_x_tokens_hyperband.yaml)")
+        check_halving(sweep, overrides)
+    pairs = HALVING_MODES if halving else MODES
     root = Path(root or tempfile.mkdtemp(prefix="softprompt-sweep-bench-"))
     src = str(Path(softprompt.__file__).resolve().parents[1])
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
     modes: dict[str, dict[str, Any]] = {}
     warmup_s = 0.0
-    for mode in (WARM, *(m for m, _ in MODES)):
+    for mode in (WARM, *(m for m, _ in pairs)):
         command = [sys.executable, "-m", "softprompt.experiments.sweep_bench", "--mode", mode, "--sweep",
                    str(sweep_file), "--root", str(root / mode), *(["--count", str(count)] if count else []),
                    *overrides]
@@ -61,8 +71,10 @@ def bench_sweep(sweep_file: str, overrides: list[str], root: str | Path | None =
             run = RunDir(sweep_dir / job["dir"])
             metrics = run.read_metrics() if run.finished else {}
             jobs[json.dumps(job["values"], sort_keys=True)] = job | {"metrics": metrics}
-        modes[mode] = {"wall_s": seconds, "dir": str(sweep_dir), "jobs": jobs}
-        log(f"[bench] {mode}: {len(jobs)} jobs in {seconds:.1f} s ({sweep_dir})")
+        modes[mode] = {"wall_s": seconds, "dir": str(sweep_dir), "jobs": jobs, "lane_steps": state.get("lane_steps")}
+        log(f"[bench] {mode}: {len(jobs)} jobs in {seconds:.1f} s, {state.get('lane_steps')} lane-steps ({sweep_dir})")
+    if halving:
+        return _halving_result(sweep.name, overrides, modes, warmup_s)
 
     diffs, per_job = [], []
     for point, alone in modes["alone"]["jobs"].items():
@@ -82,6 +94,32 @@ def bench_sweep(sweep_file: str, overrides: list[str], root: str | Path | None =
         "max_rel_diff_eval_perplexity": max(diffs) if diffs else None,
         "compared": len(diffs), "per_job": per_job,
         "dirs": {"alone": modes["alone"]["dir"], "shared": modes["shared"]["dir"]},
+        "load_average_after": list(os.getloadavg()),
+    }
+
+
+def best_point(jobs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The values of the job with the lowest held-out perplexity among those that trained to their
+    end (a job that hyperband stopped is not compared with them)."""
+    scored = [(j["metrics"][keys.EVAL_PERPLEXITY], point) for point, j in jobs.items()
+              if j["state"] == "finished" and keys.SWEEP_TERMINATED_AT_EPOCH not in j["metrics"]
+              and isinstance(j["metrics"].get(keys.EVAL_PERPLEXITY), (int, float))
+              and math.isfinite(j["metrics"][keys.EVAL_PERPLEXITY])]
+    return json.loads(min(scored)[1]) if scored else None
+
+
+def _halving_result(name: str, overrides: list[str], modes: dict[str, dict[str, Any]], warmup_s: float) -> dict[str, Any]:
+    full, cut = modes["full"], modes["hyperband"]
+    best_full, best_cut = best_point(full["jobs"]), best_point(cut["jobs"])
+    return {
+        "sweep": name, "jobs": len(full["jobs"]), "overrides": list(overrides), "warmup_s": round(warmup_s, 2),
+        "full_wall_s": round(full["wall_s"], 2), "hyperband_wall_s": round(cut["wall_s"], 2),
+        "full_lane_steps": full["lane_steps"], "hyperband_lane_steps": cut["lane_steps"],
+        "lane_steps_ratio": cut["lane_steps"] / full["lane_steps"] if full["lane_steps"] else math.nan,
+        "wall_ratio": cut["wall_s"] / full["wall_s"] if full["wall_s"] else math.nan,
+        "stopped": sorted(j["index"] for j in cut["jobs"].values() if j.get("terminated_at_epoch") is not None),
+        "best_full": best_full, "best_hyperband": best_cut, "same_best": best_full == best_cut,
+        "dirs": {"full": full["dir"], "hyperband": cut["dir"]},
         "load_average_after": list(os.getloadavg()),
     }
 
@@ -126,8 +164,11 @@ def _one_mode(mode: str, sweep_file: str, root: str, count: int | None, override
     """The child: one mode of the bench, in its own process; prints the sweep dir last."""
     from softprompt.experiments.sweep import load_sweep, run_sweep
 
-    share = dict(MODES)[mode]
-    sweep_dir, _ = run_sweep(load_sweep(sweep_file), overrides, count=count, root=root, share=share,
+    share = dict(MODES + HALVING_MODES)[mode]
+    sweep = load_sweep(sweep_file)
+    if mode == "full":  # the same grid, every point to its end
+        sweep.config.pop("early_terminate", None)
+    sweep_dir, _ = run_sweep(sweep, overrides, count=count, root=root, share=share,
                              log=lambda line: print(line, file=sys.stderr, flush=True))
     print(sweep_dir, flush=True)
 
@@ -142,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=None, help="at most N jobs per mode")
     parser.add_argument("--root", default=None, help="where both sweeps' run dirs go (default: a temp dir)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
-    parser.add_argument("--mode", choices=[WARM, *(m for m, _ in MODES)], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--halving", action="store_true",
+                        help="compare the file's early_terminate (hyperband) with its full grid, both shared")
+    parser.add_argument("--mode", choices=[WARM, *(m for m, _ in MODES + HALVING_MODES)], default=None,
+                        help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every job, e.g. dataset.path=FILE")
     args = parser.parse_intermixed_args(argv)
     os.environ.setdefault("SOFTPROMPT_QUIET", "1")
@@ -154,16 +198,21 @@ def main(argv: list[str] | None = None) -> int:
             _one_mode(args.mode, args.sweep, args.root, args.count, args.overrides)
             return 0
         result = bench_sweep(args.sweep, args.overrides, root=args.root, count=args.count,
-                             log=lambda line: print(line, flush=True))
+                             log=lambda line: print(line, flush=True), halving=args.halving)
     except UserError as exc:
         report_and_exit(str(exc))
     text = json.dumps(result, indent=2)
     print(text, flush=True)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if args.halving:
+        print(f"full {result['full_wall_s']:.1f} s, {result['full_lane_steps']} lane-steps; hyperband "
+              f"{result['hyperband_wall_s']:.1f} s, {result['hyperband_lane_steps']} lane-steps "
+              f"({result['lane_steps_ratio']:.0%}); same best point: {result['same_best']}", flush=True)
+        return 0
     print(f"alone {result['alone_wall_s']:.1f} s, shared {result['shared_wall_s']:.1f} s: "
           f"{result['ratio']:.2f}x; largest relative difference of {keys.EVAL_PERPLEXITY}: "
           f"{result['max_rel_diff_eval_perplexity']}", flush=True)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
     return 0
 
 

@@ -66,6 +66,7 @@ class PackJob:
     overrides: list[list[str]]  # each job's command-line overrides (its W&B run's name)
     steps: int | None = None  # planned lane-steps
     resume: bool = False  # continue from the pack's newest checkpoint (a requeued job)
+    halving: Any = None  # the sweep's hyperband (softprompt.train.halving.Halving), shared through the sweep dir
 
     def __call__(self) -> list[dict[str, Any]]:
         from softprompt.train.preemption import Preempted
@@ -92,7 +93,7 @@ class PackJob:
         names = [run_name(c, get_method(c.peft.method).tag(c.peft), overrides=list(o))
                  for c, o in zip(configs, self.overrides)]
         try:
-            members = run_pack(configs, self.dirs, self.trunks, names=names)
+            members = run_pack(configs, self.dirs, self.trunks, names=names, halving=self.halving)
         except UserError as exc:
             return [{"state": "failed", "error": str(exc), "metrics": {}} for _ in configs]
         return [{"state": m.state, "error": m.error, "metrics": m.metrics if m.state == "finished" else {}}

@@ -58,6 +58,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,7 +161,7 @@ class Member:
     tracker: Tracker | None = None  # its W&B run, open from the pack's start until it is written
     stop_requested: bool = False  # W&B asked its run to stop (set from W&B's thread; read between steps)
     stopped: bool = False  # it ended where W&B stopped it, not at its budget
-    pack_seconds: dict[str, float] = field(default_factory=dict)  # the whole pack's wall time, split
+    pack_seconds: dict[str, float] = field(default_factory=dict)  # the whole pack's wall time, split (and its lane-steps)
 
     def log(self, row: dict[str, Any]) -> None:
         """A history row: kept for history.jsonl and sent to the job's W&B run now."""
@@ -239,12 +241,13 @@ class Clock:
 
 def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list[list[int]],
              names: list[str] | None = None, log: Callable[[str], None] = print, run_start: float | None = None,
-             on_step: Callable[[int, int], None] | None = None) -> list[Member]:
+             on_step: Callable[[int, int], None] | None = None, halving=None) -> list[Member]:
     """Train the jobs (`trunks`: lists of indexes into `configs`, shortest first, from
     softprompt.train.planner) and write each job's run directory. `names`: their W&B run names
     (default: from each config, as a run without overrides names itself). `run_start`: the
     time.time() the jobs' clocks start from (default: now). `on_step(step, real_tokens)` is called
-    after every step (scripts/bench.py times steps with it). Returns the members in the order of
+    after every step (scripts/bench.py times steps with it). `halving`: a sweep's hyperband
+    (softprompt.train.halving.Halving), which stops jobs at epoch boundaries. Returns the members in the order of
     `configs`, each `finished` (with its metrics) or `failed` (with its error); on ranks other than
     0 none is written. Raises `preemption.Preempted` after a preemption signal's checkpoint."""
     from softprompt.train import preflight
@@ -355,7 +358,7 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
                         RunDir(m.out).write_wandb_run_id(m.tracker.run_id)
         try:
             _train(members, lanes, waiting, step, loaded, place, clock, forward, calibration, precision, log, watch,
-                   on_step, decoder)
+                   on_step, decoder, halving)
         except preemption.Preempted as exc:
             for m in members:
                 if m.tracker is not None:
@@ -373,7 +376,7 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
 
 def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], step: int, loaded, place: "Placement",
            clock: Clock, forward: str, calibration, precision: str, log, watch, on_step,
-           decoder: torch.nn.Module | None = None) -> None:
+           decoder: torch.nn.Module | None = None, halving=None) -> None:
     """Every lane one step at a time, in lock-step, until every job is trained and written."""
     first = members[0].cfg
     settings = first.training
@@ -386,6 +389,7 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
     clock.setup_end = time.time()
     started = time.perf_counter()
     real_tokens = 0
+    lane_steps = 0  # steps of every lane (a trunk's step counts once): what the pack trained, this attempt
     resumed_from = step
     first_step = None
     delay = checkpoints.step_delay_for_tests()
@@ -417,6 +421,8 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
                        "training.precision=fp32")
                 for m in lane.members:
                     _fail(m, msg, main, log)
+                    if halving is not None and main:
+                        halving.failed(m.out.name)
                 lanes.remove(lane)
                 continue
             real_tokens += tokens
@@ -435,19 +441,22 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
             now = time.time()
             first_step = (now - clock.start, now - process_start())
         bar.update(len(lanes))
+        lane_steps += len(lanes)
         if on_step is not None:
             on_step(step, real_tokens)
         if delay:
             time.sleep(delay)  # test-only: slows a tiny pack so a test can kill it on time
         # jobs that W&B stopped end here, as results of the steps they trained (every rank alike)
         pending = [m for lane in lanes for m in lane.members]
+        if main and watch.requested() == signal.SIGTERM and controller_stopped(pending):
+            watch.forget()  # `wandb agent`'s SIGTERM for the runs its controller stopped: a stop, no preemption
+            _say(log, main)("SIGTERM with W&B's stop of every running job: a sweep controller's stop, not a preemption")
         for m, stop in zip(pending, place.any_of([m.stop_requested for m in pending])):
             if stop and m.total > step:
                 m.total, m.stopped = step, True
                 _say(log, main)(f"{m.out.name}: W&B stopped its run; writing it at step {step}")
-        # evaluations and finished jobs
-        trained_now = False
-        for lane in list(lanes):
+        # evaluations
+        for lane in lanes:
             per_epoch = per_epoch_of(lane, settings, world)
             done = [m for m in lane.members if m.total == step]
             end_of_epoch = step % per_epoch == 0
@@ -458,6 +467,18 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
                 # a job that ends mid-epoch (max_steps) gets its own last evaluation, not the trunk's
                 for m in (lane.members if end_of_epoch else done):
                     m.log(row)
+        # hyperband: the jobs that the sweep's early termination stops at this epoch's end
+        if halving is not None:
+            ends = [max(m.total for m in lane.members) for lane in lanes]
+            _halve(halving, lanes, step, settings, world, place, log)
+            saved_steps = sum(end - max((m.total for m in lane.members), default=step) for lane, end in zip(lanes, ends))
+            if saved_steps and bar.total:  # the steps that the stopped jobs' lanes no longer train
+                bar.total -= saved_steps
+                bar.refresh()
+        # finished jobs
+        trained_now = False
+        for lane in list(lanes):
+            done = [m for m in lane.members if m.total == step]
             for m in done:
                 m.state, trained_now = "trained", True
                 if place.evaluates:
@@ -488,7 +509,8 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
     total_s = time.time() - clock.start
     setup_s = clock.setup_end - clock.start
     times = {"total_s": round(total_s, 2), "setup_s": round(setup_s, 2), "eval_s": round(clock.eval_s, 2),
-             "train_s": round(total_s - setup_s - clock.eval_s, 2), "base_eval_s": round(clock.base_eval_s, 2)}
+             "train_s": round(total_s - setup_s - clock.eval_s, 2), "base_eval_s": round(clock.base_eval_s, 2),
+             "lane_steps": lane_steps}
     for m in members:
         m.pack_seconds = times
     if main and len(members) > 1:
@@ -508,6 +530,57 @@ def _flush_due(waiting: list[Trained], loaded, clock: Clock, log, flush_rows: in
         written = {id(job) for job in due}  # by identity: a Trained holds tensors
         waiting[:] = [job for job in waiting if id(job) not in written]
         clock.eval_s += time.perf_counter() - t0
+
+
+# under `wandb agent`: how long a SIGTERM waits at the step boundary for W&B's stop of the run (the
+# SDK polls the server for it; the agent sends SIGKILL 30 s after its SIGTERM)
+STOP_GRACE_S = 10.0
+
+
+def controller_stopped(pending: list[Member], grace_s: float | None = None) -> bool:
+    """Whether W&B's controller stopped every job still training: asked of a SIGTERM. A run of
+    `wandb agent` (WANDB_SWEEP_ID set) waits up to `grace_s` for the stop's report to arrive."""
+    if not pending:
+        return False
+    if grace_s is None:
+        grace_s = STOP_GRACE_S if os.environ.get("WANDB_SWEEP_ID") else 0.0
+    deadline = time.monotonic() + grace_s
+    while not all(m.stop_requested for m in pending):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _halve(halving, lanes: list[Lane], step: int, settings, world: int, place: "Placement", log) -> None:
+    """At an epoch's end: every job of the pack's lanes (its history: the base model's value, then
+    each epoch's) to the sweep's decisions (softprompt.train.halving); the jobs stopped end here."""
+    ended = [lane for lane in lanes if step % per_epoch_of(lane, settings, world) == 0]
+    if not ended:
+        return
+    epoch = step // per_epoch_of(ended[0], settings, world)
+    stop: set[str] = set()
+    if place.main:
+        field = halving_field(halving.metric)
+        jobs = {}
+        for lane in ended:
+            base = getattr(lane.data.base.perplexity, field)
+            for m in lane.members:
+                history = [base] + [r[halving.metric] for r in m.rows
+                                    if halving.metric in r and float(r[keys.EPOCH]).is_integer()]
+                jobs[m.out.name] = ("finished" if m.total == step else "running", history)
+        stop = set(halving.epoch_end(epoch, jobs))
+    members = [m for lane in ended for m in lane.members]
+    for m, flag in zip(members, place.any_of([m.out.name in stop for m in members])):
+        if flag and m.total > step:
+            m.total, m.stopped = step, True
+            _say(log, place.main)(f"{m.out.name}: hyperband stopped it after epoch {epoch}; writing it at step {step}")
+
+
+def halving_field(metric: str) -> str:
+    from softprompt.train.halving import PER_EPOCH
+
+    return PER_EPOCH[metric]
 
 
 def _stopper(m: Member) -> Callable[[], None]:

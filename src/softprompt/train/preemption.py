@@ -3,6 +3,12 @@
 What a cluster does before it takes a node away: SLURM sends SIGTERM on preemption (then SIGKILL
 after its GraceTime) and, with `sbatch --signal=USR1@SECONDS`, SIGUSR1 that long before the time
 limit; submitit (hydra-submitit-launcher) asks for SIGUSR2 by default (SUBMITIT_PREEMPT_SIGNAL).
+Under `wandb agent` a SIGTERM can also be the agent's half of a sweep controller's stop (hyperband):
+the agent sends it (then SIGKILL after 30 s) while the SDK reports the same stop to the run's
+`stop_fn`. softprompt.train.pack tells the two apart: a SIGTERM whose runs the controller stopped is
+a stop (the jobs are written as stopped results and the process exits 0), any other stays a
+preemption.
+
 The handler only records the signal and writes the run dir's preemption marker (a requeued job
 that finds it resumes by itself, also after a SIGKILL that came before the checkpoint). The
 training loop checks the flag after each optimizer step, writes a complete checkpoint there and
@@ -76,6 +82,13 @@ class Watch:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
+
+    def forget(self) -> None:
+        """The signal was not a preemption (a sweep controller's stop, softprompt.train.pack): the
+        run goes on to its clean end, and the marker would make a rerun resume it."""
+        self.signum = None
+        if self.write_marker and self.run_dir is not None:
+            RunDir(self.run_dir).preempted.unlink(missing_ok=True)
 
     def chain(self, signum: int) -> None:
         """Call the handler that was installed before ours (submitit's), if it was a Python one."""
