@@ -23,6 +23,7 @@ import yaml
 from softprompt.core import atomic, keys
 from softprompt.core.errors import UserError, import_extra, report_and_exit
 from softprompt.core.progress import progress
+from softprompt.core.quiet import quiet_third_party
 from softprompt.core.rundir import RunDir
 
 METHODS = ("grid", "random", "bayes")
@@ -434,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every job, e.g. model=tiny-bloom")
     # overrides may come before or after the options
     args = parser.parse_intermixed_args(argv)
+    quiet_third_party()  # before PEFT is imported: where bitsandbytes is installed, its import talks
     try:
         if args.count is not None and args.count < 1:
             raise UserError(f"--count must be >= 1 (got {args.count})")
