@@ -756,6 +756,17 @@ def _pad_id(lane: Lane) -> int:
 # --- auto: which way is faster here ----------------------------------------------------------------
 
 
+def _first_batches(lanes: list[Lane], loaded, settings, place: "Placement") -> list[dict[str, torch.Tensor]]:
+    """Each lane's first batch of its first epoch, collated: what the warm-ups before training run."""
+    collate = PaddingCollator(loaded.tokenizer.pad_token_id)
+    batches = []
+    for lane in lanes:
+        order = epoch_batches(lane.data.lengths, settings.batch_size, lane.seed, 0, settings.group_by_length,
+                              place.rank, place.world)
+        batches.append(collate([{"input_ids": lane.data.train_rows[k]} for k in order[0]]))
+    return batches
+
+
 def _compile(lanes: list[Lane], loaded, place: "Placement", precision: str,
              log) -> tuple[torch.nn.Module | None, float | None]:
     """training.torch_compile: the base's decoder compiled for the lanes of the hidden-state loss,
@@ -772,10 +783,7 @@ def _compile(lanes: list[Lane], loaded, place: "Placement", precision: str,
         return None, None
     decoder = compiled_decoder(loaded.model)
     settings = fast[0].members[0].cfg.training
-    collate = PaddingCollator(loaded.tokenizer.pad_token_id)
-    batches = [collate([{"input_ids": lane.data.train_rows[k]} for k in epoch_batches(
-        lane.data.lengths, settings.batch_size, lane.seed, 0, settings.group_by_length, place.rank, place.world)[0]])
-        for lane in fast]
+    batches = _first_batches(fast, loaded, settings, place)
     start = time.perf_counter()
     with torch.random.fork_rng():
         forward_backward(fast, batches, loaded.model, "turns", place.device,
@@ -792,12 +800,7 @@ def _calibrate(lanes: list[Lane], loaded, place: "Placement", precision: str, lo
     """Time a forward+backward of the first batches both ways (no optimizer step: nothing moves).
     Returns the faster way and the seconds of one step each way."""
     settings = lanes[0].members[0].cfg.training
-    collate = PaddingCollator(loaded.tokenizer.pad_token_id)
-    batches = []
-    for lane in lanes:
-        order = epoch_batches(lane.data.lengths, settings.batch_size, lane.seed, 0, settings.group_by_length,
-                              place.rank, place.world)
-        batches.append(collate([{"input_ids": lane.data.train_rows[k]} for k in order[0]]))
+    batches = _first_batches(lanes, loaded, settings, place)
     best = {"turns": math.inf, "concat": math.inf}
     with torch.random.fork_rng():
         for round_ in range(CALIBRATION_ROUNDS + 1):
