@@ -26,6 +26,7 @@ from typing import Any
 import softprompt
 from softprompt.core import keys
 from softprompt.core.errors import UserError
+from softprompt.core.quiet import quiet_third_party
 from softprompt.core.rundir import RunDir
 
 MODES = (("shared", True), ("alone", False))
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every job, e.g. dataset.path=FILE")
     args = parser.parse_intermixed_args(argv)
     os.environ.setdefault("SOFTPROMPT_QUIET", "1")
+    quiet_third_party()  # each child imports PEFT: where bitsandbytes is installed, its import talks
     try:
         if args.mode == WARM:
             _warm(args.sweep, args.count, args.overrides)
