@@ -47,12 +47,14 @@ if [ "$QUICK" = 1 ]; then
                eval.max_new_tokens=4 eval.num_heldout_generations=0 eval.train_perplexity_rows=4 wandb.mode=disabled)
     TESTS=(tests/test_device.py)
     VARIANTS=()
+    PACK_LIMIT=300  # the four parts share the CPU side by side: slow under load, and nothing is timed
 else
     STEPS=()
     SWEEP_SET=(model="$MODEL" dataset=prompts_sample wandb.mode=disabled)
     TESTS=(tests)
     # training.torch_compile's step (compile time in its warmup_step_s) against the eager default
     VARIANTS=(--variant compiled:training.torch_compile=true)
+    PACK_LIMIT=120
 fi
 
 tests() {
@@ -67,7 +69,7 @@ single() {
         --out "$PARTS/single.json"
 }
 pack() {  # pack FORWARD: sweeps/pack_small.yaml alone vs shared with that pack forward
-    part "pack-$1" 120 "$PY" scripts/bench.py --sweep sweeps/pack_small.yaml --root "$PARTS/pack-$1-runs" \
+    part "pack-$1" "$PACK_LIMIT" "$PY" scripts/bench.py --sweep sweeps/pack_small.yaml --root "$PARTS/pack-$1-runs" \
         --out "$PARTS/pack-$1.json" "${SWEEP_SET[@]}" training.device="$DEVICE" training.pack_forward="$1"
 }
 if [ "$QUICK" = 1 ]; then  # a dry run: every part side by side (process start-up is most of a tiny bench)
