@@ -34,7 +34,7 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRECISIONS = ("auto", "fp32", "bf16")
 PACK_FORWARDS = ("auto", "concat", "turns")  # softprompt.train.pack
-ATTENTION_BACKWARDS = ("native", "math")  # softprompt.models.attention_backward
+TRAINING_ATTENTIONS = ("auto", "model", "eager", "math_backward")  # softprompt.models.training_attention
 MODEL_SOURCES = ("pretrained", "gguf_package", "tiny", "shape")
 # randomly initialised bases built from a config, not loaded: rebuilt from the recorded config
 BUILT_SOURCES = ("tiny", "shape")
@@ -135,8 +135,8 @@ class TrainingConfig:
     precision: str = MISSING
     group_by_length: bool = MISSING
     torch_compile: bool = MISSING
-    # the training step's attention: its own kernel's backward, or the math kernel's (same forward)
-    attention_backward: str = MISSING
+    # the training step's attention: auto (eager on a CPU), the model's own, eager, or SDPA with the math backward
+    attention: str = MISSING
     # recompute each decoder layer's activations in the backward pass instead of keeping them
     gradient_checkpointing: bool = MISSING
     # under torchrun: shard the frozen decoder layers across the ranks (FSDP2), the prompt replicated
@@ -274,8 +274,8 @@ def validate(cfg: DictConfig) -> None:
         _check(t.save_steps >= 1, f"training.save_steps must be >= 1 or null (got {t.save_steps})")
     if t.num_threads is not None:
         _check(t.num_threads >= 1, f"training.num_threads must be >= 1 or null (got {t.num_threads})")
-    _check(t.attention_backward in ATTENTION_BACKWARDS,
-           f"training.attention_backward={t.attention_backward!r} is not one of {', '.join(ATTENTION_BACKWARDS)}")
+    _check(t.attention in TRAINING_ATTENTIONS,
+           f"training.attention={t.attention!r} is not one of {', '.join(TRAINING_ATTENTIONS)}")
     _check(t.pack_forward in PACK_FORWARDS,
            f"training.pack_forward={t.pack_forward!r} is not one of {', '.join(PACK_FORWARDS)}")
     if t.pack_max_rows is not None:

@@ -22,6 +22,7 @@ TRAIN_TOTAL_PARAMS = "train/total_params"
 TRAIN_TOKENS_SEEN = "train/tokens_seen"  # real (non-pad, non-virtual) tokens trained on
 TRAIN_FLOPS = "train/flops"  # training FLOPs: softprompt.models.flops (4N per real token for prompt tuning)
 TRAIN_PRECISION = "train/precision"
+TRAIN_ATTENTION = "train/attention"  # the training step's attention: model, eager, math_backward
 TRAIN_COMPILE_S = "train/compile_s"  # training.torch_compile: compiling the decoder (one warm-up forward/backward)
 TRAIN_RESUMED_FROM_STEP = "train/resumed_from_step"  # 0 unless training.resume continued a checkpoint
 PEFT_NUM_VIRTUAL_TOKENS = "peft/num_virtual_tokens"

@@ -138,7 +138,7 @@ class OneLane:
     rows: list
     val_rows: list
     autocast: torch.dtype | None
-    decoder: torch.nn.Module | None = None  # training.torch_compile: compiled at the first step
+    decoder: torch.nn.Module | None = None  # compiled (training.torch_compile, at the first step) or cast-free
     _order: tuple = (-1, ())  # (epoch, its batches): the order is made once per epoch
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
@@ -155,11 +155,12 @@ class OneLane:
 
     def step(self, step: int, batch: dict[str, torch.Tensor]):
         """The engine's step (softprompt.train.step.train_step) of this one lane."""
+        from softprompt.models.training_attention import resolve_training_attention
         from softprompt.train.step import train_step
 
         return train_step([self.lane], [batch], self.loaded.model, step, forward="turns", device=self.device,
                           autocast=self.autocast, decoder=self.decoder,
-                          attention_backward=self.cfg.training.attention_backward)
+                          attention=resolve_training_attention(self.cfg.training.attention, self.device))
 
 
 def one_lane(cfg, splits, total: int, precision: str) -> OneLane:
@@ -181,6 +182,11 @@ def one_lane(cfg, splits, total: int, precision: str) -> OneLane:
         from softprompt.train.compile import compiled_decoder
 
         decoder = compiled_decoder(loaded.model)
+    elif lane.fast_loss:  # as the engine does (softprompt.train.pack)
+        from softprompt.models.cast_free import cast_free_decoder
+
+        decoder = cast_free_decoder(loaded.model, torch.bfloat16 if precision == "bf16" else None,
+                                    checkpointing=cfg.training.gradient_checkpointing, sharded=cfg.training.fsdp)
     return OneLane(cfg, place.device, loaded, lane, rows, val_rows, torch.bfloat16 if precision == "bf16" else None,
                    decoder)
 
@@ -200,7 +206,7 @@ def softprompt_path(cfg, splits, steps: int, warmup_steps: int, precision: str):
     result = _timed(marks, warmup_steps, start)
     result["rows_tokens_total"] = sum(len(r) for r in run.rows)
     result["fast_loss"] = run.lane.fast_loss
-    result["torch_compile"] = run.decoder is not None  # then warmup_step_s holds the compile time
+    result["torch_compile"] = bool(cfg.training.torch_compile and run.lane.fast_loss)  # then warmup_step_s holds the compile time
     model = run.lane.model
     # the A/B check that a speed change does not cost quality: held-out perplexity after these steps
     from softprompt.evaluation.perplexity import perplexity

@@ -84,6 +84,7 @@ from softprompt.evaluation.evaluate import (
 )
 from softprompt.evaluation.perplexity import PerplexityResult, perplexity
 from softprompt.models import generation
+from softprompt.models.cast_free import cast_free_decoder
 from softprompt.models.fast_loss import supports_fast_loss
 from softprompt.models.loading import load_model, loader_placed
 from softprompt.models.methods import get as get_method
@@ -92,6 +93,7 @@ from softprompt.models.methods import (
     virtual_tokens_in_logits,
     wrap,
 )
+from softprompt.models.training_attention import resolve_training_attention
 from softprompt.models.transfer import prompt_source
 from softprompt.core.precision import autocast_dtype, model_device, resolve_precision
 from softprompt.track.wandb_run import Tracker, resolve_mode, run_name
@@ -314,6 +316,9 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
     # training.torch_compile: compiled once for the pack, before the forward is chosen (which it times)
     decoder, compile_s = _compile(lanes, loaded, place, precision, _say(log, main)) \
         if first.training.torch_compile else (None, None)
+    if decoder is None and any(lane.fast_loss for lane in lanes):  # the same numbers, no weight casts each step
+        decoder = cast_free_decoder(loaded.model, torch.bfloat16 if precision == "bf16" else None,
+                                    checkpointing=first.training.gradient_checkpointing, sharded=place.fsdp)
     concat_ok = len(lanes) > 1 and all(lane.fast_loss for lane in lanes)
     if forward == "concat" and not concat_ok and len(configs) > 1:
         _say(log, main)("pack: training.pack_forward=concat needs prompt tuning or p-tuning on a supported model "
@@ -413,7 +418,7 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
             batches.append(collate([{"input_ids": lane.data.train_rows[k]} for k in order[batch]]))
         result = train_step(lanes, batches, loaded.model, step, forward=forward, device=place.device,
                             autocast=autocast, world=world, decoder=decoder,
-                            attention_backward=settings.attention_backward)
+                            attention=resolve_training_attention(settings.attention, place.device))
         for lane, value, tokens, norm, lr in zip(list(lanes), result.losses, result.tokens, result.grad_norms,
                                                  result.rates):
             if not math.isfinite(value):
@@ -787,7 +792,8 @@ def _compile(lanes: list[Lane], loaded, place: "Placement", precision: str,
     start = time.perf_counter()
     with torch.random.fork_rng():
         forward_backward(fast, batches, loaded.model, "turns", place.device,
-                         torch.bfloat16 if precision == "bf16" else None, decoder, settings.attention_backward)
+                         torch.bfloat16 if precision == "bf16" else None, decoder,
+                         resolve_training_attention(settings.attention, place.device))
     for lane in fast:
         lane.optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
@@ -807,7 +813,8 @@ def _calibrate(lanes: list[Lane], loaded, place: "Placement", precision: str, lo
             for way in best:
                 t0 = time.perf_counter()
                 forward_backward(lanes, batches, loaded.model, way, place.device,
-                                  torch.bfloat16 if precision == "bf16" else None, decoder, settings.attention_backward)
+                                  torch.bfloat16 if precision == "bf16" else None, decoder,
+                                  resolve_training_attention(settings.attention, place.device))
                 seconds = time.perf_counter() - t0
                 for lane in lanes:
                     lane.optimizer.zero_grad(set_to_none=True)
@@ -833,6 +840,7 @@ def _trained(m: Member, lane: Lane, precision: str, started: float, real_tokens:
         keys.TRAIN_LOSS: lane.loss_sum / max(m.total, 1), keys.TRAIN_EPOCHS: epoch + (batch + 1) / per_epoch,
         keys.TRAIN_STEPS: m.total, keys.TRAIN_RUNTIME_S: seconds, keys.TRAIN_TOKENS_PER_SECOND: real_tokens / seconds,
         keys.TRAIN_PRECISION: precision,
+        keys.TRAIN_ATTENTION: resolve_training_attention(m.cfg.training.attention, model_device(lane.model)),
         keys.TRAIN_TIME_TO_FIRST_STEP_S: first_step[0] if first_step else None,
         keys.TRAIN_TIME_TO_FIRST_STEP_PROCESS_S: first_step[1] if first_step else None,
         keys.TRAIN_RESUMED_FROM_STEP: resumed_from,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from softprompt.core import keys
-from softprompt.models.attention_backward import attention_backward as attention_context
+from softprompt.models.training_attention import training_attention
 from softprompt.models.fast_loss import prompt_tuning_loss
 from softprompt.models.methods import virtual_tokens_in_logits
 
@@ -40,12 +40,12 @@ class StepResult:
 
 def train_step(lanes: list, batches: list[dict[str, torch.Tensor]], base, step: int, *, forward: str,
                device: torch.device, autocast: torch.dtype | None, world: int = 1,
-               decoder: torch.nn.Module | None = None, attention_backward: str = "native") -> StepResult:
+               decoder: torch.nn.Module | None = None, attention: str = "model") -> StepResult:
     """Step `step` (0-based) of every lane on its batch (`batches[i]` for `lanes[i]`, on the host).
     `decoder`: the base's decoder compiled (softprompt.train.compile), for the hidden-state loss.
-    `attention_backward`: training.attention_backward (softprompt.models.attention_backward)."""
+    `attention`: training.attention resolved (softprompt.models.training_attention)."""
     local_tokens = [len(b["labelled"]) for b in batches]  # the rows' own tokens, counted on the host
-    values = forward_backward(lanes, batches, base, forward, device, autocast, decoder, attention_backward)
+    values = forward_backward(lanes, batches, base, forward, device, autocast, decoder, attention)
     if world > 1:
         values, tokens = _over_ranks(lanes, values, local_tokens, device, world)
     else:
@@ -79,12 +79,18 @@ def log_row(step: int, loss: float, lr: float, grad_norm: float, per_epoch: int)
 
 def forward_backward(lanes: list, batches: list[dict], base, forward: str, device: torch.device,
                       autocast: torch.dtype | None, decoder: torch.nn.Module | None = None,
-                      attention_backward: str = "native") -> list[float]:
+                      attention: str = "model") -> list[float]:
     """Each lane's loss value on this rank; gradients are in each lane's prompt. A lane whose loss
-    is not finite gets no backward."""
+    is not finite gets no backward. `attention`: training.attention resolved."""
+    with training_attention(base, attention) as in_forward:
+        return _forward_backward(lanes, batches, base, forward, device, autocast, decoder, in_forward)
+
+
+def _forward_backward(lanes: list, batches: list[dict], base, forward: str, device: torch.device,
+                      autocast: torch.dtype | None, decoder: torch.nn.Module | None, in_forward) -> list[float]:
     if forward == "concat" and len(lanes) > 1:
         with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None), \
-                attention_context(attention_backward):
+                in_forward():
             losses = concat_losses(lanes, batches, base, device, decoder)
         values = [float(loss.detach()) for loss in losses]
         finite = [loss for loss, v in zip(losses, values) if math.isfinite(v)]
@@ -96,7 +102,7 @@ def forward_backward(lanes: list, batches: list[dict], base, forward: str, devic
         inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labelled"}
         lane.model.train()
         with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None), \
-                attention_context(attention_backward):
+                in_forward():
             if lane.fast_loss:
                 n = virtual_tokens_in_logits(lane.model)
                 positions = _positions(batch["labelled"], n, n + batch["input_ids"].shape[1] - 1).to(device)
