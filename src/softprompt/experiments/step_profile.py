@@ -5,7 +5,8 @@ times it, runs `--steps` steps after the warm-up under torch.profiler. Every ope
 (its self time: no double counting of an operator and the operators it calls) goes to one share:
 
 - gemm: the matrix products (the base's projections, the MLP, the lm_head);
-- attention: SDPA (or eager attention's softmax) and its backward;
+- attention: SDPA, or eager attention's batched products (bmm/baddbmm: in these decoders only
+  attention calls them) and softmax, forward and backward;
 - elementwise_and_norm: RMSNorm/LayerNorm, activations, residual adds, rotary, masks, concatenations;
 - casts_and_copies: dtype casts and copies (autocast casts the frozen weights on every forward);
 - embedding_and_prompt: the token embedding, the soft prompt, gathering the labelled positions;
@@ -29,7 +30,7 @@ from torch.autograd.profiler_util import FunctionEvent
 
 SHARES = ("gemm", "attention", "elementwise_and_norm", "casts_and_copies", "embedding_and_prompt", "loss",
           "optimizer", "data", "overhead")
-_GEMM = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+_GEMM = {"aten::mm", "aten::addmm", "aten::matmul", "aten::linear",
          "aten::_addmm_activation", "aten::mkldnn_linear", "aten::_mkldnn_linear", "aten::mkldnn_matmul"}
 _CASTS = {"aten::to", "aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous", "aten::empty_like"}
 _EMBEDDING = {"aten::embedding", "aten::embedding_backward", "aten::embedding_dense_backward", "aten::index_select",
@@ -54,7 +55,8 @@ def share_of(event: FunctionEvent) -> str | None:
     if name in _GEMM:
         return "gemm"
     if "scaled_dot_product" in name or "flash_attention" in name or "efficient_attention" in name \
-            or name in {"aten::softmax", "aten::_softmax", "aten::_softmax_backward_data"}:
+            or name in {"aten::bmm", "aten::baddbmm", "aten::softmax", "aten::_softmax",
+                        "aten::_softmax_backward_data"}:
         return "attention"
     if name in _LOSS:
         return "loss"
