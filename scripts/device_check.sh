@@ -3,7 +3,8 @@
 #   1. the CUDA-marked tests (pytest -m cuda);
 #   2. a single run's training tokens/s and MFU (against the GPU's bf16 matmul peak measured in the
 #      same process) vs the seed recipe, and generation/evaluation vs plain generate/forward
-#      (scripts/bench.py), and the same step with training.torch_compile=true;
+#      (scripts/bench.py), and the same step with training.torch_compile=true and with eager attention
+#      (training.attention=eager: the CPUs' default; auto keeps the model's own SDPA on a GPU);
 #   3. sweeps/pack_small.yaml alone vs shared, with training.pack_forward=turns and =concat
 #      (scripts/bench.py --sweep).
 # Everything lands in one JSON (default device-check.json; the parts in device-check/).
@@ -52,8 +53,9 @@ else
     STEPS=()
     SWEEP_SET=(model="$MODEL" dataset=prompts_sample wandb.mode=disabled)
     TESTS=(tests)
-    # training.torch_compile's step (compile time in its warmup_step_s) against the eager default
-    VARIANTS=(--variant compiled:training.torch_compile=true)
+    # training.torch_compile's step (compile time in its warmup_step_s) against the eager default,
+    # and eager attention in the step (auto's choice on CPUs) against SDPA's (auto's choice here)
+    VARIANTS=(--variant compiled:training.torch_compile=true --variant eager_attention:training.attention=eager)
     PACK_LIMIT=120
 fi
 
@@ -96,12 +98,14 @@ for name in ("tests", "single", "pack-turns", "pack-concat"):
         result[name]["summary"] = log[-1] if log else ""
 single = result["single"].get("result", {})
 compiled = single.get("variants", {}).get("compiled", {})  # absent in a --quick dry run
+eager = single.get("variants", {}).get("eager_attention", {})
 result["summary"] = {
     "device_name": single.get("device_name"), "ratio_vs_seed_recipe": single.get("ratio"), "mfu": single.get("mfu"),
     "generation_ratio_to_plain": single.get("generation_ratio_to_plain"),
     "eval_ratio_to_plain": single.get("eval_ratio_to_plain"),
     "torch_compile_speedup": 1 / compiled["speedup_of_default"] if compiled else None,
     "torch_compile_warmup_step_s": compiled.get("warmup_step_s"),
+    "eager_attention_speedup": 1 / eager["speedup_of_default"] if eager else None,
     **{f"pack_{f}_ratio": result[f"pack-{f}"].get("result", {}).get("ratio") for f in ("turns", "concat")},
     **{f"pack_{f}_max_rel_diff": result[f"pack-{f}"].get("result", {}).get("max_rel_diff_eval_perplexity")
        for f in ("turns", "concat")},
