@@ -139,6 +139,7 @@ class OneLane:
     val_rows: list
     autocast: torch.dtype | None
     decoder: torch.nn.Module | None = None  # compiled (training.torch_compile, at the first step) or cast-free
+    compiled: bool = False  # the decoder is compiled: the first step's time holds the compile time
     _order: tuple = (-1, ())  # (epoch, its batches): the order is made once per epoch
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
@@ -188,7 +189,7 @@ def one_lane(cfg, splits, total: int, precision: str) -> OneLane:
         decoder = cast_free_decoder(loaded.model, torch.bfloat16 if precision == "bf16" else None,
                                     checkpointing=cfg.training.gradient_checkpointing, sharded=cfg.training.fsdp)
     return OneLane(cfg, place.device, loaded, lane, rows, val_rows, torch.bfloat16 if precision == "bf16" else None,
-                   decoder)
+                   decoder, compiled=bool(cfg.training.torch_compile and lane.fast_loss))
 
 
 def softprompt_path(cfg, splits, steps: int, warmup_steps: int, precision: str):
@@ -206,7 +207,7 @@ def softprompt_path(cfg, splits, steps: int, warmup_steps: int, precision: str):
     result = _timed(marks, warmup_steps, start)
     result["rows_tokens_total"] = sum(len(r) for r in run.rows)
     result["fast_loss"] = run.lane.fast_loss
-    result["torch_compile"] = bool(cfg.training.torch_compile and run.lane.fast_loss)  # then warmup_step_s holds the compile time
+    result["torch_compile"] = run.compiled  # then warmup_step_s holds the compile time
     model = run.lane.model
     # the A/B check that a speed change does not cost quality: held-out perplexity after these steps
     from softprompt.evaluation.perplexity import perplexity

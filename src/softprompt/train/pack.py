@@ -399,6 +399,7 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
     first_step = None
     delay = checkpoints.step_delay_for_tests()
     save_every = settings.save_steps
+    attention = resolve_training_attention(settings.attention, place.device)  # once, not at every step
     orders: dict[tuple[int, int], list[list[int]]] = {}
     flush_rows = max(first.eval.batch_size, FLUSH_BATCH_ROWS)
     autocast = torch.bfloat16 if precision == "bf16" else None
@@ -418,7 +419,7 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
             batches.append(collate([{"input_ids": lane.data.train_rows[k]} for k in order[batch]]))
         result = train_step(lanes, batches, loaded.model, step, forward=forward, device=place.device,
                             autocast=autocast, world=world, decoder=decoder,
-                            attention=resolve_training_attention(settings.attention, place.device))
+                            attention=attention)
         for lane, value, tokens, norm, lr in zip(list(lanes), result.losses, result.tokens, result.grad_norms,
                                                  result.rates):
             if not math.isfinite(value):
