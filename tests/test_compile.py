@@ -16,7 +16,11 @@ FP32 = TINY + ["training.precision=fp32", "eval.num_heldout_generations=0", "wan
 
 
 def test_a_compiled_run_steps_through_the_compiled_decoder_with_the_eager_numbers(tmp_path, monkeypatch):
+    import json
+
     from softprompt.train import compile as compile_module
+    from softprompt.train import pack
+    from softprompt.train.checkpoints import latest_checkpoint, read_state
     from softprompt.train.run import run
 
     eager = run(compose(FP32), run_dir=tmp_path / "eager")
@@ -24,18 +28,23 @@ def test_a_compiled_run_steps_through_the_compiled_decoder_with_the_eager_number
     calls: list[int] = []
     real = compile_module.compiled_decoder
 
-    def counted(base):
-        compiled = real(base)
+    def counted(base, inner=None):
+        compiled = real(base, inner)
+        compiled.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["inputs_embeds"].shape[0]),
+                                           with_kwargs=True)
+        return compiled
 
-        def call(*args, **kwargs):
-            calls.append(kwargs["inputs_embeds"].shape[0])
-            return compiled(*args, **kwargs)
-        return call
-
-    monkeypatch.setattr(compile_module, "compiled_decoder", counted)
-    compiled = run(compose(FP32 + ["training.torch_compile=true"]), run_dir=tmp_path / "compiled")
+    monkeypatch.setattr(pack, "compiled_decoder", counted)
+    # auto, with the bar lowered to the tiny run's 4 lane-steps: what the seed grid's 510 meet
+    monkeypatch.setattr(compile_module, "AUTO_MIN_LANE_STEPS", 4)
+    compiled = run(compose(FP32 + ["training.torch_compile=auto"]), run_dir=tmp_path / "compiled")
     assert len(calls) == 1 + 4  # the timed warm-up, then each of the 4 steps
+    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["pack"]["torch_compile"] == \
+        "auto: 4 lane-steps on the CPU repay compiling"
     assert compiled[keys.TRAIN_COMPILE_S] > 0 and keys.TRAIN_COMPILE_S not in eager
+    # the checkpoints keep the choice: a resumed run compiles as its first attempt did, whatever is left
+    assert read_state(latest_checkpoint(tmp_path / "compiled" / "checkpoints"))["torch_compile"] is True
+    assert read_state(latest_checkpoint(tmp_path / "eager" / "checkpoints"))["torch_compile"] is False
     for key in (keys.TRAIN_LOSS, keys.EVAL_PERPLEXITY, keys.EVAL_LOSS):
         assert compiled[key] == pytest.approx(eager[key], rel=1e-5), key
     assert compiled[keys.EVAL_BASE_PERPLEXITY] == eager[keys.EVAL_BASE_PERPLEXITY]  # evaluation runs eager
@@ -57,3 +66,87 @@ def test_compiling_on_a_cpu_without_a_cpp_compiler_is_one_error(tmp_path, monkey
     (tmp_path / "g++").write_text("#!/bin/sh\n")
     (tmp_path / "g++").chmod(0o755)
     check_compiler(torch.device("cpu"))  # found: no error
+
+
+def _tiny_base():
+    from softprompt.models.loading import load_model
+
+    return load_model(compose(["model=tiny-llama"]).model).model
+
+
+def test_the_layers_are_compiled_for_the_call_only_and_give_the_decoders_numbers(monkeypatch):
+    import torch
+
+    from softprompt.models.cast_free import cast_free_decoder
+    from softprompt.models.loading import decoder_layers
+    from softprompt.train.compile import compiled_decoder
+
+    monkeypatch.setenv("SOFTPROMPT_TEST_COMPILE_BACKEND", "aot_eager")
+    base = _tiny_base()
+    layers = decoder_layers(base)
+    originals = list(layers)
+    seen: list[list[str]] = []
+
+    class Recording(torch.nn.Module):  # what the decoder's layers are while the compiled decoder runs
+        def forward(self, **kwargs):
+            seen.append([type(layer).__name__ for layer in layers])
+            return base.base_model(**kwargs)
+
+    torch.manual_seed(0)
+    embeds = torch.randn(2, 5, base.config.hidden_size)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    eager = base.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    compiled = compiled_decoder(base, Recording())(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    assert seen == [["OptimizedModule"] * len(originals)]
+    assert list(layers) == originals  # swapped back: evaluation and generation never meet them
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+    class Failing(torch.nn.Module):
+        def forward(self, **kwargs):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        compiled_decoder(base, Failing())(inputs_embeds=embeds, attention_mask=mask)
+    assert list(layers) == originals  # after an exception too
+    # around the cast-free decoder: its weight copies are found under the wrappers' names
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = cast_free_decoder(base, torch.bfloat16)(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        both = compiled_decoder(base, cast_free_decoder(base, torch.bfloat16))(
+            inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    assert both.dtype == plain.dtype and torch.equal(both, plain)
+
+
+@pytest.mark.parametrize(("setting", "device", "lane_steps", "plain", "compiles", "why"), [
+    (True, "cpu", 1, True, True, "training.torch_compile=true"),
+    (False, "cpu", 10_000, True, False, "training.torch_compile=false"),
+    ("auto", "cpu", 510, True, True, "auto: 510 lane-steps on the CPU repay compiling"),
+    ("auto", "cpu", 102, True, False, "auto: 102 lane-steps, fewer than the 300 that repay compiling"),
+    ("auto", "cpu", 510, False, False, "auto: gradient checkpointing, FSDP, a device map or quantization"),
+    ("auto", "cuda", 510, True, False, "auto: not measured on cuda"),
+])
+def test_auto_compiles_long_plain_packs_on_a_cpu(setting, device, lane_steps, plain, compiles, why, monkeypatch):
+    import torch
+
+    from softprompt.train.compile import resolve_torch_compile
+
+    monkeypatch.setenv("SOFTPROMPT_TEST_COMPILE_BACKEND", "aot_eager")  # a compiler is there
+    assert resolve_torch_compile(setting, torch.device(device), lane_steps, plain) == (compiles, why)
+
+
+def test_auto_without_a_cpp_compiler_does_not_compile(tmp_path, monkeypatch):
+    import torch
+
+    from softprompt.train.compile import resolve_torch_compile
+
+    for variable in ("CXX", "SOFTPROMPT_TEST_COMPILE_BACKEND"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert resolve_torch_compile("auto", torch.device("cpu"), 510, True) == (False, "auto: no C++ compiler found")
+
+
+def test_torch_compile_takes_true_false_or_auto():
+    from softprompt.core.config import validate
+    from softprompt.core.errors import UserError
+
+    with pytest.raises(UserError, match=r"^training.torch_compile='yes' is not one of true, false, auto$"):
+        validate(compose(["training.torch_compile=yes"]))

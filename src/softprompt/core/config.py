@@ -134,7 +134,8 @@ class TrainingConfig:
     device: str = MISSING  # auto, cpu, cuda, mps: where the model, batches, evaluation and generation run
     precision: str = MISSING
     group_by_length: bool = MISSING
-    torch_compile: bool = MISSING
+    # the training step's decoder layers compiled: true, false, or auto (long packs on a CPU: softprompt.train.compile)
+    torch_compile: Any = MISSING
     # the training step's attention: auto (eager on a CPU), the model's own, eager, or SDPA with the math backward
     attention: str = MISSING
     # recompute each decoder layer's activations in the backward pass instead of keeping them
@@ -274,6 +275,8 @@ def validate(cfg: DictConfig) -> None:
         _check(t.save_steps >= 1, f"training.save_steps must be >= 1 or null (got {t.save_steps})")
     if t.num_threads is not None:
         _check(t.num_threads >= 1, f"training.num_threads must be >= 1 or null (got {t.num_threads})")
+    _check(t.torch_compile in (True, False, "auto"),
+           f"training.torch_compile={t.torch_compile!r} is not one of true, false, auto")
     _check(t.attention in TRAINING_ATTENTIONS,
            f"training.attention={t.attention!r} is not one of {', '.join(TRAINING_ATTENTIONS)}")
     _check(t.pack_forward in PACK_FORWARDS,

@@ -179,17 +179,19 @@ def one_lane(cfg, splits, total: int, precision: str) -> OneLane:
     val_rows = tokenize(splits.validation, loaded.tokenizer, cfg.training.max_length, tokenizer_id)
     lane = new_lane(cfg, loaded, Data(splits, rows, val_rows, [], [], None, False, 0.0), [], total)
     decoder = None
-    if cfg.training.torch_compile and lane.fast_loss:
-        from softprompt.train.compile import compiled_decoder
-
-        decoder = compiled_decoder(loaded.model)
-    elif lane.fast_loss:  # as the engine does (softprompt.train.pack)
+    if lane.fast_loss:  # as the engine does (softprompt.train.pack)
         from softprompt.models.cast_free import cast_free_decoder
 
         decoder = cast_free_decoder(loaded.model, torch.bfloat16 if precision == "bf16" else None,
                                     checkpointing=cfg.training.gradient_checkpointing, sharded=cfg.training.fsdp)
+    from softprompt.train.compile import compiled_decoder, plain_step, resolve_torch_compile
+
+    compiling = lane.fast_loss and resolve_torch_compile(cfg.training.torch_compile, place.device, total,
+                                                         plain_step(cfg, loaded.model, place.fsdp))[0]
+    if compiling:
+        decoder = compiled_decoder(loaded.model, decoder)
     return OneLane(cfg, place.device, loaded, lane, rows, val_rows, torch.bfloat16 if precision == "bf16" else None,
-                   decoder, compiled=bool(cfg.training.torch_compile and lane.fast_loss))
+                   decoder, compiled=compiling)
 
 
 def softprompt_path(cfg, splits, steps: int, warmup_steps: int, precision: str):

@@ -9,6 +9,9 @@ times it, runs `--steps` steps after the warm-up under torch.profiler. Every ope
   attention calls them) and softmax, forward and backward;
 - elementwise_and_norm: RMSNorm/LayerNorm, activations, residual adds, rotary, masks, concatenations;
 - casts_and_copies: dtype casts and copies (autocast casts the frozen weights on every forward);
+- compiled_fused: a compiled step's generated kernels (training.torch_compile: inductor fuses the
+  elementwise work, norms, casts and softmax into them; the matrix products it leaves to aten stay
+  in gemm), the own time of inductor's `## Call CompiledFxGraph` ranges;
 - embedding_and_prompt: the token embedding, the soft prompt, gathering the labelled positions;
 - loss: the softmax cross-entropy over the vocabulary;
 - optimizer: clipping and the optimizer step;
@@ -28,8 +31,9 @@ from pathlib import Path
 import torch
 from torch.autograd.profiler_util import FunctionEvent
 
-SHARES = ("gemm", "attention", "elementwise_and_norm", "casts_and_copies", "embedding_and_prompt", "loss",
-          "optimizer", "data", "overhead")
+SHARES = ("gemm", "attention", "elementwise_and_norm", "casts_and_copies", "compiled_fused", "embedding_and_prompt",
+          "loss", "optimizer", "data", "overhead")
+COMPILED_GRAPH_RANGE = "## Call CompiledFxGraph"  # inductor's range around a compiled graph's call
 _GEMM = {"aten::mm", "aten::addmm", "aten::matmul", "aten::linear",
          "aten::_addmm_activation", "aten::mkldnn_linear", "aten::_mkldnn_linear", "aten::mkldnn_matmul"}
 _CASTS = {"aten::to", "aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous", "aten::empty_like"}
@@ -47,6 +51,8 @@ def share_of(event: FunctionEvent) -> str | None:
     ancestors = _ancestor_names(event)
     if name == COLLATE_RANGE or COLLATE_RANGE in ancestors:
         return "data"
+    if name.startswith(COMPILED_GRAPH_RANGE):
+        return "compiled_fused"  # its own time is the generated kernels'; the aten calls in it are children
     if name.startswith(("ProfilerStep", "autograd::", "Optimizer.")) or event.is_user_annotation:
         return None  # the range's own time: Python and the autograd engine between operators
     if any(a.startswith("Optimizer.") for a in ancestors) or name.startswith("aten::_foreach") \

@@ -27,9 +27,14 @@ class CastFreeDecoder(torch.nn.Module):
         # a plain dict, not buffers: the copies are not part of any state dict or checkpoint
         self.copies = {f"{name}.weight": module.weight.detach().to(dtype)
                        for name, module in decoder.named_modules() if castable(module, dtype)}
+        self._copy_of = {id(module.weight): self.copies[f"{name}.weight"]
+                         for name, module in decoder.named_modules() if castable(module, dtype)}
 
     def forward(self, **kwargs):
-        return functional_call(self.decoder, self.copies, args=(), kwargs=kwargs, strict=False)
+        # the names are read at each call: a compiled layer (softprompt.train.compile) may stand in
+        # for its layer during the call, and its wrapper adds a level (`_orig_mod`) to the names
+        copies = {name: self._copy_of[id(p)] for name, p in self.decoder.named_parameters() if id(p) in self._copy_of}
+        return functional_call(self.decoder, copies, args=(), kwargs=kwargs, strict=False)
 
 
 def castable(module: torch.nn.Module, dtype: torch.dtype) -> bool:

@@ -1,17 +1,18 @@
-"""`training.torch_compile=true`: the frozen decoder that the training step runs through, compiled
-once per pack (torch.compile, dynamic shapes: the length-grouped batches change width every step
-and would otherwise recompile).
+"""`training.torch_compile`: the decoder layers that the training step runs through, compiled once
+per pack (torch.compile, dynamic shapes: the length-grouped batches change width every step and
+would otherwise recompile).
 
-What is compiled is the decoder under the hidden-state loss (softprompt.models.fast_loss: prompt
-tuning and p-tuning, both pack forwards), forward and backward (AOTAutograd). Methods that train
-through PEFT's own forward (LoRA, prefix tuning) run eager; the run says so in one line.
-Evaluation and generation run eager: they would compile graphs of their own (other shapes, the KV
-cache) that one training run cannot repay.
+What is compiled is each decoder layer under the hidden-state loss (softprompt.models.fast_loss:
+prompt tuning and p-tuning, both pack forwards), forward and backward (AOTAutograd); the layers
+share one graph. Methods that train through PEFT's own forward (LoRA, prefix tuning) run eager; the
+run says so in one line. Evaluation and generation run eager: they would compile graphs of their
+own (other shapes, the KV cache) that one training run cannot repay.
 
-Measured on the 2-core Zen 4 (docs/speed.md): with eager attention in the step, the compiled step
-is 7-13 % faster, but compiling SmolLM2's decoder takes 248 s (72 s from inductor's warm on-disk
-cache), more than a seed grid's 510 lane-steps win back, so the default is off;
-scripts/device_check.sh measures it on a GPU.
+Measured on the 2-core Zen 4 (docs/speed.md): compiling the layers takes 27-34 s cold (the whole
+decoder as one graph took 248 s), and the compiled step is 7-16 % faster than the eager one, so a
+pack of a few hundred lane-steps repays it and a single short run does not: `auto` compiles CPU
+packs of at least AUTO_MIN_LANE_STEPS lane-steps. On GPUs it is not measured yet
+(scripts/device_check.sh times it), so `auto` leaves it off there.
 """
 
 from __future__ import annotations
@@ -28,19 +29,94 @@ from softprompt.core.errors import UserError
 _BACKEND_FOR_TESTS = "SOFTPROMPT_TEST_COMPILE_BACKEND"
 
 
-def check_compiler(device: torch.device) -> None:
-    """Inductor writes C++ for the CPU, and Triton builds a C launcher for a GPU: without a compiler
-    the run would fail at its first step, after loading and evaluating the base."""
-    if os.environ.get(_BACKEND_FOR_TESTS):
-        return
+# `auto` compiles a CPU pack of at least this many lane-steps (a trunk's step counts once). Measured
+# on the 2-core Zen 4 (docs/speed.md): compiling SmolLM2's layers costs ~27 s (~15 s from inductor's
+# warm on-disk cache; 34 s in the seed grid) and saves 0.13-0.31 s a lane-step, so it pays from ~110-260 lane-steps; auto
+# asks for more than the worst case. A 6-epoch run on the prompts CSV is 102 steps (not compiled),
+# the seed grid 510 (compiled).
+AUTO_MIN_LANE_STEPS = 300
+
+
+def _compilers(device: torch.device) -> tuple[str, list[str]]:
+    """Inductor writes C++ for the CPU, and Triton builds a C launcher for a GPU."""
     language, variable, names = ("C++", "CXX", ["g++", "c++", "clang++"]) if device.type == "cpu" \
         else ("C", "CC", ["cc", "gcc", "clang"])
-    names = [os.environ[variable]] if os.environ.get(variable) else names
-    if not any(shutil.which(name) for name in names):
+    return language, [os.environ[variable]] if os.environ.get(variable) else names
+
+
+def has_compiler(device: torch.device) -> bool:
+    return bool(os.environ.get(_BACKEND_FOR_TESTS)) or any(shutil.which(n) for n in _compilers(device)[1])
+
+
+def plain_step(cfg, model: torch.nn.Module, fsdp: bool) -> bool:
+    """Whether the step runs the base as measured for `auto`: no gradient checkpointing, FSDP,
+    device map (accelerate's hooks) or quantized layers."""
+    return not (cfg.training.gradient_checkpointing or fsdp or cfg.model.get("quantization")
+                or getattr(model, "hf_device_map", None))
+
+
+def resolve_torch_compile(setting: bool | str, device: torch.device, lane_steps: int, plain: bool) -> tuple[bool, str]:
+    """training.torch_compile resolved for a pack, and why (for the log): true and false as set;
+    `auto` compiles on a CPU with a C++ compiler, for at least AUTO_MIN_LANE_STEPS lane-steps, where
+    the step is plain (`plain`: no gradient checkpointing, FSDP, device map or quantization, which
+    were not measured compiled). On GPUs auto stays off: not measured there yet
+    (scripts/device_check.sh times it)."""
+    if setting != "auto":
+        return bool(setting), f"training.torch_compile={str(bool(setting)).lower()}"
+    if device.type != "cpu":
+        return False, f"auto: not measured on {device.type}"
+    if not plain:
+        return False, "auto: gradient checkpointing, FSDP, a device map or quantization"
+    if lane_steps < AUTO_MIN_LANE_STEPS:
+        return False, f"auto: {lane_steps} lane-steps, fewer than the {AUTO_MIN_LANE_STEPS} that repay compiling"
+    if not has_compiler(device):
+        return False, "auto: no C++ compiler found"
+    return True, f"auto: {lane_steps} lane-steps on the CPU repay compiling"
+
+
+def check_compiler(device: torch.device) -> None:
+    """Without a compiler a compiled run would fail at its first step, after loading and
+    evaluating the base."""
+    language, names = _compilers(device)
+    if not has_compiler(device):
         raise UserError(f"training.torch_compile=true on {device.type} needs a {language} compiler and none was "
                         f"found ({', '.join(names)}); install one (e.g. gcc) or set training.torch_compile=false")
 
 
-def compiled_decoder(base: torch.nn.Module) -> torch.nn.Module:
-    """The base's decoder (its layers without the lm_head), compiled; its parameters are the base's."""
-    return torch.compile(base.base_model, dynamic=True, backend=os.environ.get(_BACKEND_FOR_TESTS) or "inductor")
+class LayerCompiledDecoder(torch.nn.Module):
+    """The base's decoder with each decoder layer compiled (`torch.compile(layer)`, dynamic shapes),
+    in place only for the duration of its own call.
+
+    Every layer runs the same code on parameters of the same shapes, and Dynamo treats a layer's
+    parameters as inputs of the graph, so the 30 layers of SmolLM2 share one compiled graph: the
+    compile costs what one layer costs, not what the whole decoder does (measured below). The
+    decoder's own code (embeddings, masks, rotary tables, final norm) stays eager. The layers are
+    swapped back after each call, so evaluation and generation, which call the decoder directly,
+    never meet a compiled layer. `inner`: what is called with the layers swapped in (the cast-free
+    decoder, softprompt.models.cast_free), else the decoder itself."""
+
+    def __init__(self, decoder: torch.nn.Module, layers: torch.nn.ModuleList, inner: torch.nn.Module | None = None):
+        super().__init__()
+        self.decoder, self.inner = decoder, inner if inner is not None else decoder
+        self._layers = layers
+        backend = os.environ.get(_BACKEND_FOR_TESTS) or "inductor"
+        # a plain list, not a ModuleList: the wrappers hold the layers' own parameters, no new ones
+        self._compiled = [torch.compile(layer, dynamic=True, backend=backend) for layer in layers]
+
+    def forward(self, **kwargs):
+        originals = list(self._layers)
+        for i, compiled in enumerate(self._compiled):
+            self._layers[i] = compiled
+        try:
+            return self.inner(**kwargs)
+        finally:
+            for i, layer in enumerate(originals):
+                self._layers[i] = layer
+
+
+def compiled_decoder(base: torch.nn.Module, inner: torch.nn.Module | None = None) -> LayerCompiledDecoder:
+    """The base's decoder (its layers without the lm_head) with its layers compiled; its parameters
+    are the base's. `inner`: the cast-free decoder to call (softprompt.models.cast_free), if any."""
+    from softprompt.models.loading import decoder_layers
+
+    return LayerCompiledDecoder(base.base_model, decoder_layers(base), inner)

@@ -99,6 +99,7 @@ from softprompt.core.precision import autocast_dtype, model_device, resolve_prec
 from softprompt.track.wandb_run import Tracker, resolve_mode, run_name
 from softprompt.train import checkpoints, preemption, resume
 from softprompt.train.batches import PaddingCollator, epoch_batches, steps_per_epoch
+from softprompt.train.compile import LayerCompiledDecoder, compiled_decoder, plain_step, resolve_torch_compile
 from softprompt.train.placement import Placement
 from softprompt.train.schedules import Schedule
 from softprompt.train.step import forward_backward, log_row, train_step
@@ -313,12 +314,21 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
         step, lanes, waiting = _restore(saved, members, loaded)
         forward = saved.state["forward"]  # the way the first attempt chose: no second calibration
 
+    # the same numbers, no weight casts each step
+    decoder = cast_free_decoder(loaded.model, torch.bfloat16 if precision == "bf16" else None,
+                                checkpointing=first.training.gradient_checkpointing, sharded=place.fsdp) \
+        if any(lane.fast_loss for lane in lanes) else None
     # training.torch_compile: compiled once for the pack, before the forward is chosen (which it times)
-    decoder, compile_s = _compile(lanes, loaded, place, precision, _say(log, main)) \
-        if first.training.torch_compile else (None, None)
-    if decoder is None and any(lane.fast_loss for lane in lanes):  # the same numbers, no weight casts each step
-        decoder = cast_free_decoder(loaded.model, torch.bfloat16 if precision == "bf16" else None,
-                                    checkpointing=first.training.gradient_checkpointing, sharded=place.fsdp)
+    if saved is not None and "torch_compile" in saved.state:  # the first attempt's choice: its rounding path
+        compiling, compile_why = saved.state["torch_compile"], "as the run's first attempt chose"
+    else:
+        compiling, compile_why = resolve_torch_compile(
+            first.training.torch_compile, place.device, _lane_steps_left(members, lanes, step),
+            plain_step(first, loaded.model, place.fsdp))
+    compile_s = None
+    if compiling:
+        _say(log, main)(f"training.torch_compile: compiling the decoder layers ({compile_why})")
+        decoder, compile_s = _compile(lanes, loaded, place, precision, _say(log, main), decoder)
     concat_ok = len(lanes) > 1 and all(lane.fast_loss for lane in lanes)
     if forward == "concat" and not concat_ok and len(configs) > 1:
         _say(log, main)("pack: training.pack_forward=concat needs prompt tuning or p-tuning on a supported model "
@@ -336,7 +346,8 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
         forward = "turns"
 
     pack_info = {"jobs": len(configs), "trunks": len(trunks), "forward": forward,
-                 "calibration_s": calibration, "compile_s": compile_s, "members": [d.name for d in dirs]}
+                 "calibration_s": calibration, "compile_s": compile_s,
+                 "torch_compile": compile_why, "members": [d.name for d in dirs]}
     for trunk in trunks:
         group = [members[i] for i in trunk]
         lengths = [m.total for m in group]
@@ -379,6 +390,13 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
     return members
 
 
+def _lane_steps_left(members: list[Member], lanes: list[Lane], step: int) -> int:
+    """The lane-steps still to train from `step` on: every lane's, then every branch's that will
+    leave its trunk (a trunk's step counts once)."""
+    return sum(lane.end - max(lane.start, step) for lane in lanes) + sum(
+        m.total - max(m.leave_at, step) for m in members if m.state == "pending" and m.leave_at < m.total)
+
+
 def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], step: int, loaded, place: "Placement",
            clock: Clock, forward: str, calibration, precision: str, log, watch, on_step,
            decoder: torch.nn.Module | None = None, halving=None) -> None:
@@ -388,9 +406,8 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
     main, world = place.main, place.world
     collate = PaddingCollator(loaded.tokenizer.pad_token_id)
     checkpoint_root = RunDir(members[0].out).checkpoints
-    work = sum(lane.end - max(lane.start, step) for lane in lanes) + sum(
-        m.total - max(m.leave_at, step) for m in members if m.state == "pending" and m.leave_at < m.total)
-    bar = _progress(work, lanes, [m.cfg for m in members], enabled=main)
+    bar = _progress(_lane_steps_left(members, lanes, step), lanes, [m.cfg for m in members], enabled=main)
+    compiled = isinstance(decoder, LayerCompiledDecoder)  # kept in checkpoints: a resumed run compiles alike
     clock.setup_end = time.time()
     started = time.perf_counter()
     real_tokens = 0
@@ -499,11 +516,13 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
         saved = None
         if main and (lanes or waiting) and (trained_now or (settings.save_every_epoch and end_of_epoch)
                                             or (save_every and step % save_every == 0)):
-            saved = _save(checkpoint_root, step, lanes, waiting, members, forward, calibration)
+            saved = _save(checkpoint_root, step, lanes, waiting, members, forward, calibration,
+                              compiled)
         signum = place.any_rank(watch.requested()) if lanes else None
         if signum:
             if main and saved is None:
-                saved = _save(checkpoint_root, step, lanes, waiting, members, forward, calibration)
+                saved = _save(checkpoint_root, step, lanes, waiting, members, forward, calibration,
+                              compiled)
             bar.close()
             raise preemption.Preempted(signum, step, saved)
         _flush_due(waiting, loaded, clock, log, flush_rows, final=not lanes, place=place)
@@ -685,12 +704,13 @@ def _branch(trunk: Lane, m: Member, loaded) -> Lane:
 
 
 def _save(root: Path, step: int, lanes: list[Lane], waiting: list[Trained], members: list[Member], forward: str,
-          calibration: dict[str, float] | None) -> Path:
+          calibration: dict[str, float] | None, compiled: bool) -> Path:
     """The engine's checkpoint: the lanes' prompts and optimizers, and the trained jobs still
     waiting for a flush (their prompts after the lanes')."""
     state = {
         "format": resume.FORMAT,
-        "step": step, "forward": forward, "calibration_s": calibration, "dirs": [m.out.name for m in members],
+        "step": step, "forward": forward, "calibration_s": calibration, "torch_compile": compiled,
+        "dirs": [m.out.name for m in members],
         "members": [{"state": m.state, "error": m.error, "rows": m.rows} for m in members],
         "lanes": [{"members": [m.index for m in lane.members], "made_from": lane.made_from, "total": lane.end,
                    "start": lane.start, "loss_sum": lane.loss_sum, "since_log": lane.since_log, "tokens": lane.tokens,
@@ -773,21 +793,20 @@ def _first_batches(lanes: list[Lane], loaded, settings, place: "Placement") -> l
     return batches
 
 
-def _compile(lanes: list[Lane], loaded, place: "Placement", precision: str,
-             log) -> tuple[torch.nn.Module | None, float | None]:
-    """training.torch_compile: the base's decoder compiled for the lanes of the hidden-state loss,
-    then one forward and backward of their first batches through it (no optimizer step: nothing
-    moves), so that compiling happens here, timed, and not inside the first step."""
-    from softprompt.train.compile import compiled_decoder
-
+def _compile(lanes: list[Lane], loaded, place: "Placement", precision: str, log,
+             cast_free: torch.nn.Module | None) -> tuple[torch.nn.Module | None, float | None]:
+    """training.torch_compile: the base's decoder layers compiled for the lanes of the hidden-state
+    loss (around the cast-free decoder, if any), then one forward and backward of their first
+    batches through it (no optimizer step: nothing moves), so that compiling happens here, timed,
+    and not inside the first step. Without such lanes: (cast_free, None)."""
     eager = sorted({lane.members[0].cfg.peft.method for lane in lanes if not lane.fast_loss})
     if eager:
         log(f"training.torch_compile: {', '.join(eager)} trains through PEFT's forward, which runs eager; "
             "the decoder is compiled for the hidden-state loss (prompt tuning, p-tuning) only")
     fast = [lane for lane in lanes if lane.fast_loss]
     if not fast:
-        return None, None
-    decoder = compiled_decoder(loaded.model)
+        return cast_free, None
+    decoder = compiled_decoder(loaded.model, cast_free)
     settings = fast[0].members[0].cfg.training
     batches = _first_batches(fast, loaded, settings, place)
     start = time.perf_counter()

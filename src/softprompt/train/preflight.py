@@ -42,7 +42,7 @@ def check(cfg: DictConfig) -> None:
         from softprompt.core.precision import check_base_dtype
 
         check_base_dtype(cfg.model.dtype, resolve_device(cfg.training.device))
-    if cfg.training.get("torch_compile"):  # a CPU without a C++ compiler fails here, not at the first step
+    if cfg.training.get("torch_compile") is True:  # a CPU without a C++ compiler fails here, not at the first step
         from softprompt.core.device import resolve_device
         from softprompt.train.compile import check_compiler
 
