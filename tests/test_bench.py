@@ -70,3 +70,18 @@ def test_profile_splits_a_step_into_shares_that_add_up(tmp_path):
     assert profile["shares"]["gemm"] > 0 and profile["shares"]["attention"] > 0 and profile["shares"]["data"] > 0
     assert profile["shares"]["optimizer"] > 0 and profile["shares"]["loss"] > 0
     assert 0 <= result["padding_share"] < 1 and "aten::mm" in profile["top_operators"]
+
+
+def test_each_variant_gets_its_ratio_to_the_seed_recipe_and_its_mfu(tmp_path):
+    """`--variant NAME:KEY=VALUE`: timed in the same process as the seed recipe and the default path."""
+    from softprompt.experiments.bench import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--model", "tiny-llama", "--max-samples", "20", "--steps", "2", "--skip-eval",
+                 "--variant", "fp32:training.precision=fp32", "--out", str(out)]) == 0
+    bench = json.loads(out.read_text())
+    seed, variant = bench["seed_recipe"], bench["variants"]["fp32"]
+    assert variant["steps"] == 2 and variant["overrides"] == ["training.precision=fp32"]
+    assert variant["ratio"] == variant["tokens_per_s"] / seed["tokens_per_s"] > 0
+    assert variant["mfu"] == pytest.approx(variant["tokens_per_s"] * bench["flops_per_token"] / bench["matmul_peak_flops"])
+    assert variant["speedup_of_default"] == bench["softprompt"]["tokens_per_s"] / variant["tokens_per_s"]

@@ -616,6 +616,10 @@ def measure(argv=None) -> dict:
     result["flops_per_token"] = 4 * n
     result["flops_formula"] = FLOPS_FORMULA
     result["mfu"] = ours["tokens_per_s"] * 4 * n / result["matmul_peak_flops"]
+    for variant in result.get("variants", {}).values():  # against the same seed run and matmul peak
+        variant["mfu"] = variant["tokens_per_s"] * 4 * n / result["matmul_peak_flops"]
+        if "seed_recipe" in result:
+            variant["ratio"] = variant["tokens_per_s"] / result["seed_recipe"]["tokens_per_s"]
     if not args.skip_eval:
         result |= eval_and_generation(ours_cfg, loaded, model, val_rows, n_virtual, splits,
                                       autocast_dtype(ours_cfg.eval.precision, device), ours["heldout_perplexity_after"])
