@@ -30,10 +30,10 @@ _BACKEND_FOR_TESTS = "SOFTPROMPT_TEST_COMPILE_BACKEND"
 
 
 # `auto` compiles a CPU pack of at least this many lane-steps (a trunk's step counts once). Measured
-# on the 2-core Zen 4 (docs/speed.md): compiling SmolLM2's layers costs ~27 s (~15 s from inductor's
-# warm on-disk cache; 34 s in the seed grid) and saves 0.13-0.31 s a lane-step, so it pays from ~110-260 lane-steps; auto
-# asks for more than the worst case. A 6-epoch run on the prompts CSV is 102 steps (not compiled),
-# the seed grid 510 (compiled).
+# on the 2-core Zen 4 (docs/speed.md): compiling SmolLM2's layers costs 27-34 s cold (8-16 s from
+# inductor's warm on-disk cache) and saves 0.13-0.31 s a lane-step, so it pays from ~110-260
+# lane-steps; auto asks for more than the worst case. A 6-epoch run on the prompts CSV is 102 steps
+# (not compiled), the seed grid 510 (compiled).
 AUTO_MIN_LANE_STEPS = 300
 
 
@@ -45,6 +45,7 @@ def _compilers(device: torch.device) -> tuple[str, list[str]]:
 
 
 def has_compiler(device: torch.device) -> bool:
+    """A compiler for `device` on the PATH (or in CXX / CC); the test backend needs none."""
     return bool(os.environ.get(_BACKEND_FOR_TESTS)) or any(shutil.which(n) for n in _compilers(device)[1])
 
 
