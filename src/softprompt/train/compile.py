@@ -8,7 +8,7 @@ share one graph. Methods that train through PEFT's own forward (LoRA, prefix tun
 run says so in one line. Evaluation and generation run eager: they would compile graphs of their
 own (other shapes, the KV cache) that one training run cannot repay.
 
-Measured on the 2-core Zen 4 (docs/speed.md): compiling the layers takes 27-34 s cold (the whole
+Measured on the 2-core Zen 4 (docs/speed.md): compiling the layers takes 27-39 s cold (the whole
 decoder as one graph took 248 s), and the compiled step is 7-16 % faster than the eager one, so a
 pack of a few hundred lane-steps repays it and a single short run does not: `auto` compiles CPU
 packs of at least AUTO_MIN_LANE_STEPS lane-steps. On GPUs it is not measured yet
@@ -30,9 +30,9 @@ _BACKEND_FOR_TESTS = "SOFTPROMPT_TEST_COMPILE_BACKEND"
 
 
 # `auto` compiles a CPU pack of at least this many lane-steps (a trunk's step counts once). Measured
-# on the 2-core Zen 4 (docs/speed.md): compiling SmolLM2's layers costs 27-34 s cold (8-16 s from
-# inductor's warm on-disk cache) and saves 0.13-0.31 s a lane-step, so it pays from ~110-260
-# lane-steps; auto asks for more than the worst case. A 6-epoch run on the prompts CSV is 102 steps
+# on the 2-core Zen 4 (docs/speed.md): compiling SmolLM2's layers costs 27-39 s cold (8-16 s from
+# inductor's warm on-disk cache) and saves 0.13-0.31 s a lane-step, so it pays from ~130-300
+# lane-steps; auto asks for the worst case. A 6-epoch run on the prompts CSV is 102 steps
 # (not compiled), the seed grid 510 (compiled).
 AUTO_MIN_LANE_STEPS = 300
 
