@@ -25,10 +25,9 @@ class CastFreeDecoder(torch.nn.Module):
         super().__init__()
         self.decoder = decoder
         # a plain dict, not buffers: the copies are not part of any state dict or checkpoint
-        self.copies = {f"{name}.weight": module.weight.detach().to(dtype)
-                       for name, module in decoder.named_modules() if castable(module, dtype)}
-        self._copy_of = {id(module.weight): self.copies[f"{name}.weight"]
-                         for name, module in decoder.named_modules() if castable(module, dtype)}
+        castables = [(name, module) for name, module in decoder.named_modules() if castable(module, dtype)]
+        self.copies = {f"{name}.weight": module.weight.detach().to(dtype) for name, module in castables}
+        self._copy_of = {id(module.weight): self.copies[f"{name}.weight"] for name, module in castables}
 
     def forward(self, **kwargs):
         # the names are read at each call: a compiled layer (softprompt.train.compile) may stand in

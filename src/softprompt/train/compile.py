@@ -98,7 +98,7 @@ class LayerCompiledDecoder(torch.nn.Module):
 
     def __init__(self, decoder: torch.nn.Module, layers: torch.nn.ModuleList, inner: torch.nn.Module | None = None):
         super().__init__()
-        self.decoder, self.inner = decoder, inner if inner is not None else decoder
+        self.inner = inner if inner is not None else decoder
         self._layers = layers
         backend = os.environ.get(_BACKEND_FOR_TESTS) or "inductor"
         # a plain list, not a ModuleList: the wrappers hold the layers' own parameters, no new ones
