@@ -6,7 +6,9 @@ or wandb, which read these variables once.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,13 +19,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # the checkout under test, also from a git worktree
 
-_TMP = Path(tempfile.mkdtemp(prefix="softprompt-tests-"))
-# Under pytest-xdist (`make test` runs a worker per core) the workers of one run share softprompt's
-# cache: the converted SmolLM2 is built once, not once per worker. The cache is made for concurrent
-# processes (each entry built once, atomically: tests/test_cache.py); tests that need a cold one set
-# their own.
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-_CACHE = Path(tempfile.gettempdir()) / f"softprompt-tests-cache-{_RUN}" if _RUN else _TMP / "softprompt-cache"
+# One temp dir for the whole test run, removed when it ends (a run left ~0.5 GB behind, the
+# converted SmolLM2, and a full /tmp fails the next run). pytest itself, or pytest-xdist's
+# controller, makes it; xdist's workers (`make test` runs one per core) inherit it through the
+# environment and share softprompt's cache in it, so the converted SmolLM2 is built once, not once
+# per worker. The cache is made for concurrent processes (each entry built once, atomically:
+# tests/test_cache.py); tests that need a cold one set their own. Every process keeps its own
+# HF, XDG and W&B directories below it.
+_OWNER = "SOFTPROMPT_TESTS_TMP" not in os.environ
+if _OWNER:
+    os.environ["SOFTPROMPT_TESTS_TMP"] = tempfile.mkdtemp(prefix="softprompt-tests-")
+    atexit.register(shutil.rmtree, os.environ["SOFTPROMPT_TESTS_TMP"], ignore_errors=True)
+_SHARED = Path(os.environ["SOFTPROMPT_TESTS_TMP"])
+_TMP = _SHARED / f"process-{os.getpid()}"
+_TMP.mkdir()
+_CACHE = _SHARED / "softprompt-cache"
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
