@@ -35,10 +35,18 @@ def test_a_compiled_run_steps_through_the_compiled_decoder_with_the_eager_number
         return compiled
 
     monkeypatch.setattr(pack, "compiled_decoder", counted)
+    heads: list[int] = []
+    real_head = compile_module.compiled_nll_sum()
+
+    def counted_head(lm_head, hidden, targets):
+        heads.append(hidden.shape[0])
+        return real_head(lm_head, hidden, targets)
+
+    monkeypatch.setattr(pack, "compiled_nll_sum", lambda: counted_head)
     # auto, with the bar lowered to the tiny run's 4 lane-steps: what the seed grid's 510 meet
     monkeypatch.setattr(compile_module, "AUTO_MIN_LANE_STEPS", 4)
     compiled = run(compose(FP32 + ["training.torch_compile=auto"]), run_dir=tmp_path / "compiled")
-    assert len(calls) == 1 + 4  # the timed warm-up, then each of the 4 steps
+    assert len(calls) == len(heads) == 1 + 4  # the timed warm-up, then each of the 4 steps
     assert json.loads((tmp_path / "compiled" / "config.json").read_text())["pack"]["torch_compile"] == \
         "auto: 4 lane-steps on the CPU repay compiling"
     assert compiled[keys.TRAIN_COMPILE_S] > 0 and keys.TRAIN_COMPILE_S not in eager
@@ -114,6 +122,31 @@ def test_the_layers_are_compiled_for_the_call_only_and_give_the_decoders_numbers
         both = compiled_decoder(base, cast_free_decoder(base, torch.bfloat16))(
             inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     assert both.dtype == plain.dtype and torch.equal(both, plain)
+
+
+@pytest.mark.skipif(not __import__("shutil").which("g++"), reason="inductor writes C++ for the CPU")
+def test_the_loss_head_compiled_by_inductor_gives_the_eager_loss_and_gradient(monkeypatch):
+    """The real backend, on the loss's head alone (seconds, not the minute the layers take): for
+    any number of positions, the eager value and hidden-state gradient in fp32."""
+    import torch
+
+    monkeypatch.delenv("SOFTPROMPT_TEST_COMPILE_BACKEND", raising=False)
+    from softprompt.models.fast_loss import nll_sum
+    from softprompt.train.compile import compiled_nll_sum
+
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(16, 512, bias=False).requires_grad_(False)
+    head = compiled_nll_sum()
+    for positions in (7, 23, 40):
+        hidden = torch.randn(positions, 16, requires_grad=True)
+        targets = torch.randint(0, 512, (positions,))
+        eager = nll_sum(lm_head, hidden, targets)
+        (eager_grad,) = torch.autograd.grad(eager, hidden)
+        compiled = head(lm_head, hidden, targets)
+        (compiled_grad,) = torch.autograd.grad(compiled, hidden)
+        assert compiled.shape == () and compiled.item() > 0
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(("setting", "device", "lane_steps", "plain", "compiles", "why"), [

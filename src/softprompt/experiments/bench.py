@@ -140,6 +140,7 @@ class OneLane:
     autocast: torch.dtype | None
     decoder: torch.nn.Module | None = None  # compiled (training.torch_compile, at the first step) or cast-free
     compiled: bool = False  # the decoder is compiled: the first step's time holds the compile time
+    head: Any = None  # the loss's head compiled (training.torch_compile), else None: the eager one
     _order: tuple = (-1, ())  # (epoch, its batches): the order is made once per epoch
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
@@ -156,12 +157,14 @@ class OneLane:
 
     def step(self, step: int, batch: dict[str, torch.Tensor]):
         """The engine's step (softprompt.train.step.train_step) of this one lane."""
+        from softprompt.models.fast_loss import nll_sum
         from softprompt.models.training_attention import resolve_training_attention
         from softprompt.train.step import train_step
 
         return train_step([self.lane], [batch], self.loaded.model, step, forward="turns", device=self.device,
                           autocast=self.autocast, decoder=self.decoder,
-                          attention=resolve_training_attention(self.cfg.training.attention, self.device))
+                          attention=resolve_training_attention(self.cfg.training.attention, self.device),
+                          head=self.head or nll_sum)
 
 
 def one_lane(cfg, splits, total: int, precision: str) -> OneLane:
@@ -184,14 +187,15 @@ def one_lane(cfg, splits, total: int, precision: str) -> OneLane:
 
         decoder = cast_free_decoder(loaded.model, torch.bfloat16 if precision == "bf16" else None,
                                     checkpointing=cfg.training.gradient_checkpointing, sharded=cfg.training.fsdp)
-    from softprompt.train.compile import compiled_decoder, plain_step, resolve_torch_compile
+    from softprompt.train.compile import compiled_decoder, compiled_nll_sum, plain_step, resolve_torch_compile
 
     compiling = lane.fast_loss and resolve_torch_compile(cfg.training.torch_compile, place.device, total,
                                                          plain_step(cfg, loaded.model, place.fsdp))[0]
+    head = None
     if compiling:
-        decoder = compiled_decoder(loaded.model, decoder)
+        decoder, head = compiled_decoder(loaded.model, decoder), compiled_nll_sum()
     return OneLane(cfg, place.device, loaded, lane, rows, val_rows, torch.bfloat16 if precision == "bf16" else None,
-                   decoder, compiled=compiling)
+                   decoder, compiled=compiling, head=head)
 
 
 def softprompt_path(cfg, splits, steps: int, warmup_steps: int, precision: str):

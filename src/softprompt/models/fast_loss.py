@@ -12,6 +12,8 @@ in backward (torch.utils.checkpoint), at the price of one more lm_head forward.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -26,9 +28,14 @@ def supports_fast_loss(peft_model) -> bool:
     return method_of(peft_model).fast_loss and logits_are_lm_head_of_hidden(base)
 
 
-def _nll_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def nll_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The summed next-token NLL of `targets` under the logits `lm_head(hidden)`: the loss's head,
+    which the training step may run compiled (softprompt.train.compile.compiled_nll_sum)."""
     # float(): the softmax over the vocabulary in fp32, also under bf16 autocast (as HF's loss does)
     return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+
+
+NllSum = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def labelled_positions(labels: torch.Tensor, n_virtual: int) -> torch.Tensor:
@@ -41,11 +48,13 @@ def labelled_positions(labels: torch.Tensor, n_virtual: int) -> torch.Tensor:
 
 def prompt_tuning_loss(peft_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                        num_items: int | torch.Tensor | None = None, chunk_rows: int | None = None,
-                       positions: torch.Tensor | None = None, decoder: torch.nn.Module | None = None) -> torch.Tensor:
+                       positions: torch.Tensor | None = None, decoder: torch.nn.Module | None = None,
+                       head: NllSum = nll_sum) -> torch.Tensor:
     """Mean next-token NLL over the labelled text tokens (or sum / `num_items` when given).
     `positions`: `labelled_positions(labels, num_virtual_tokens)` on the model's device (the
     training step passes them; without them the labels' mask is read on the device).
-    `decoder`: the base's decoder compiled (training.torch_compile), else the base's own."""
+    `decoder`: the base's decoder compiled (training.torch_compile), else the base's own; `head`:
+    `nll_sum` or its compiled version."""
     base = peft_model.get_base_model()
     if decoder is None:
         decoder = base.base_model  # LlamaModel / BloomModel: the layers without the lm_head
@@ -67,8 +76,8 @@ def prompt_tuning_loss(peft_model, input_ids: torch.Tensor, attention_mask: torc
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_rows):
             part = slice(start, start + chunk_rows)
-            total = total + checkpoint(_nll_sum, lm_head, hidden[part], targets[part], use_reentrant=False)
+            total = total + checkpoint(head, lm_head, hidden[part], targets[part], use_reentrant=False)
     else:
-        total = _nll_sum(lm_head, hidden, targets)
+        total = head(lm_head, hidden, targets)
     denominator = num_items if num_items is not None else targets.numel()
     return total / denominator

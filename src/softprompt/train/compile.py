@@ -1,10 +1,10 @@
-"""`training.torch_compile`: the decoder layers that the training step runs through, compiled once
-per pack (torch.compile, dynamic shapes: the length-grouped batches change width every step and
-would otherwise recompile).
+"""`training.torch_compile`: the decoder layers that the training step runs through, and the loss's
+head, compiled once per pack (torch.compile, dynamic shapes: the length-grouped batches change
+width every step and would otherwise recompile).
 
 What is compiled is each decoder layer under the hidden-state loss (softprompt.models.fast_loss:
-prompt tuning and p-tuning, both pack forwards), forward and backward (AOTAutograd); the layers
-share one graph. Methods that train through PEFT's own forward (LoRA, prefix tuning) run eager; the
+prompt tuning and p-tuning, both pack forwards), forward and backward (AOTAutograd), the layers
+sharing one graph; and that loss's head (lm_head, fp32 softmax, cross-entropy). Methods that train through PEFT's own forward (LoRA, prefix tuning) run eager; the
 run says so in one line. Evaluation and generation run eager: they would compile graphs of their
 own (other shapes, the KV cache) that one training run cannot repay.
 
@@ -42,6 +42,10 @@ def _compilers(device: torch.device) -> tuple[str, list[str]]:
     language, variable, names = ("C++", "CXX", ["g++", "c++", "clang++"]) if device.type == "cpu" \
         else ("C", "CC", ["cc", "gcc", "clang"])
     return language, [os.environ[variable]] if os.environ.get(variable) else names
+
+
+def _backend() -> str:
+    return os.environ.get(_BACKEND_FOR_TESTS) or "inductor"
 
 
 def has_compiler(device: torch.device) -> bool:
@@ -100,7 +104,7 @@ class LayerCompiledDecoder(torch.nn.Module):
         super().__init__()
         self.inner = inner if inner is not None else decoder
         self._layers = layers
-        backend = os.environ.get(_BACKEND_FOR_TESTS) or "inductor"
+        backend = _backend()
         # a plain list, not a ModuleList: the wrappers hold the layers' own parameters, no new ones
         self._compiled = [torch.compile(layer, dynamic=True, backend=backend) for layer in layers]
 
@@ -113,6 +117,17 @@ class LayerCompiledDecoder(torch.nn.Module):
         finally:
             for i, layer in enumerate(originals):
                 self._layers[i] = layer
+
+
+def compiled_nll_sum():
+    """The loss's head (softprompt.models.fast_loss.nll_sum: the lm_head, the fp32 cast and the
+    cross-entropy) compiled, with a dynamic number of positions. Eager, the softmax over SmolLM2's
+    49k vocabulary reads and writes `[positions, 49152]` fp32 tensors several times (the cast, the
+    log-softmax, a zero-filled gradient and its backward); inductor fuses them into two passes. On
+    the 2-core Zen 4, for 700 positions: 0.25 s forward and backward against 0.46 s eager."""
+    from softprompt.models.fast_loss import nll_sum
+
+    return torch.compile(nll_sum, dynamic=True, backend=_backend())
 
 
 def compiled_decoder(base: torch.nn.Module, inner: torch.nn.Module | None = None) -> LayerCompiledDecoder:

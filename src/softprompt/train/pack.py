@@ -85,7 +85,7 @@ from softprompt.evaluation.evaluate import (
 from softprompt.evaluation.perplexity import PerplexityResult, perplexity
 from softprompt.models import generation
 from softprompt.models.cast_free import cast_free_decoder
-from softprompt.models.fast_loss import supports_fast_loss
+from softprompt.models.fast_loss import NllSum, nll_sum, supports_fast_loss
 from softprompt.models.loading import load_model, loader_placed
 from softprompt.models.methods import get as get_method
 from softprompt.models.methods import (
@@ -99,7 +99,8 @@ from softprompt.core.precision import autocast_dtype, model_device, resolve_prec
 from softprompt.track.wandb_run import Tracker, resolve_mode, run_name
 from softprompt.train import checkpoints, preemption, resume
 from softprompt.train.batches import PaddingCollator, epoch_batches, steps_per_epoch
-from softprompt.train.compile import LayerCompiledDecoder, compiled_decoder, plain_step, resolve_torch_compile
+from softprompt.train.compile import (LayerCompiledDecoder, compiled_decoder, compiled_nll_sum, plain_step,
+                                      resolve_torch_compile)
 from softprompt.train.placement import Placement
 from softprompt.train.schedules import Schedule
 from softprompt.train.step import forward_backward, log_row, train_step
@@ -325,10 +326,10 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
         compiling, compile_why = resolve_torch_compile(
             first.training.torch_compile, place.device, _lane_steps_left(members, lanes, step),
             plain_step(first, loaded.model, place.fsdp))
-    compile_s = None
+    compile_s, head = None, nll_sum
     if compiling:
-        _say(log, main)(f"training.torch_compile: compiling the decoder layers ({compile_why})")
-        decoder, compile_s = _compile(lanes, loaded, place, precision, _say(log, main), decoder)
+        _say(log, main)(f"training.torch_compile: compiling the decoder layers and the loss ({compile_why})")
+        decoder, head, compile_s = _compile(lanes, loaded, place, precision, _say(log, main), decoder)
     concat_ok = len(lanes) > 1 and all(lane.fast_loss for lane in lanes)
     if forward == "concat" and not concat_ok and len(configs) > 1:
         _say(log, main)("pack: training.pack_forward=concat needs prompt tuning or p-tuning on a supported model "
@@ -341,7 +342,7 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
             _say(log, main)(f"pack: forward turns ({rows} rows per step is too many for one concatenated forward; "
                             f"training.pack_max_rows splits the pack)")
         elif concat_ok and max(lane.end for lane in lanes) >= CALIBRATION_MIN_STEPS:
-            forward, calibration = _calibrate(lanes, loaded, place, precision, _say(log, main), decoder)
+            forward, calibration = _calibrate(lanes, loaded, place, precision, _say(log, main), decoder, head)
     elif forward == "concat" and not concat_ok:
         forward = "turns"
 
@@ -374,7 +375,7 @@ def run_pack(configs: list[DictConfig], run_dirs: list[str | Path], trunks: list
                         RunDir(m.out).write_wandb_run_id(m.tracker.run_id)
         try:
             _train(members, lanes, waiting, step, loaded, place, clock, forward, calibration, precision, log, watch,
-                   on_step, decoder, halving)
+                   on_step, decoder, halving, head)
         except preemption.Preempted as exc:
             for m in members:
                 if m.tracker is not None:
@@ -399,7 +400,7 @@ def _lane_steps_left(members: list[Member], lanes: list[Lane], step: int) -> int
 
 def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], step: int, loaded, place: "Placement",
            clock: Clock, forward: str, calibration, precision: str, log, watch, on_step,
-           decoder: torch.nn.Module | None = None, halving=None) -> None:
+           decoder: torch.nn.Module | None = None, halving=None, head: NllSum = nll_sum) -> None:
     """Every lane one step at a time, in lock-step, until every job is trained and written."""
     first = members[0].cfg
     settings = first.training
@@ -436,7 +437,7 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
             batches.append(collate([{"input_ids": lane.data.train_rows[k]} for k in order[batch]]))
         result = train_step(lanes, batches, loaded.model, step, forward=forward, device=place.device,
                             autocast=autocast, world=world, decoder=decoder,
-                            attention=attention)
+                            attention=attention, head=head)
         for lane, value, tokens, norm, lr in zip(list(lanes), result.losses, result.tokens, result.grad_norms,
                                                  result.rates):
             if not math.isfinite(value):
@@ -794,35 +795,35 @@ def _first_batches(lanes: list[Lane], loaded, settings, place: "Placement") -> l
 
 
 def _compile(lanes: list[Lane], loaded, place: "Placement", precision: str, log,
-             cast_free: torch.nn.Module | None) -> tuple[torch.nn.Module | None, float | None]:
-    """training.torch_compile: the base's decoder layers compiled for the lanes of the hidden-state
-    loss (around the cast-free decoder, if any), then one forward and backward of their first
-    batches through it (no optimizer step: nothing moves), so that compiling happens here, timed,
-    and not inside the first step. Without such lanes: (cast_free, None)."""
+             cast_free: torch.nn.Module | None) -> tuple[torch.nn.Module | None, NllSum, float | None]:
+    """training.torch_compile: the base's decoder layers (around the cast-free decoder, if any) and
+    the loss's head compiled for the lanes of the hidden-state loss, then one forward and backward
+    of their first batches through them (no optimizer step: nothing moves), so that compiling
+    happens here, timed, and not inside the first step. Without such lanes: (cast_free, nll_sum, None)."""
     eager = sorted({lane.members[0].cfg.peft.method for lane in lanes if not lane.fast_loss})
     if eager:
         log(f"training.torch_compile: {', '.join(eager)} trains through PEFT's forward, which runs eager; "
-            "the decoder is compiled for the hidden-state loss (prompt tuning, p-tuning) only")
+            "the decoder and the loss are compiled for the hidden-state loss (prompt tuning, p-tuning) only")
     fast = [lane for lane in lanes if lane.fast_loss]
     if not fast:
-        return cast_free, None
-    decoder = compiled_decoder(loaded.model, cast_free)
+        return cast_free, nll_sum, None
+    decoder, head = compiled_decoder(loaded.model, cast_free), compiled_nll_sum()
     settings = fast[0].members[0].cfg.training
     batches = _first_batches(fast, loaded, settings, place)
     start = time.perf_counter()
     with torch.random.fork_rng():
         forward_backward(fast, batches, loaded.model, "turns", place.device,
                          torch.bfloat16 if precision == "bf16" else None, decoder,
-                         resolve_training_attention(settings.attention, place.device))
+                         resolve_training_attention(settings.attention, place.device), head)
     for lane in fast:
         lane.optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
-    log(f"training.torch_compile: the decoder compiled in {seconds:.1f} s (with one forward and backward)")
-    return decoder, seconds
+    log(f"training.torch_compile: the decoder and the loss compiled in {seconds:.1f} s (with one forward and backward)")
+    return decoder, head, seconds
 
 
 def _calibrate(lanes: list[Lane], loaded, place: "Placement", precision: str, log,
-               decoder: torch.nn.Module | None = None) -> tuple[str, dict[str, float]]:
+               decoder: torch.nn.Module | None = None, head: NllSum = nll_sum) -> tuple[str, dict[str, float]]:
     """Time a forward+backward of the first batches both ways (no optimizer step: nothing moves).
     Returns the faster way and the seconds of one step each way."""
     settings = lanes[0].members[0].cfg.training
@@ -834,7 +835,7 @@ def _calibrate(lanes: list[Lane], loaded, place: "Placement", precision: str, lo
                 t0 = time.perf_counter()
                 forward_backward(lanes, batches, loaded.model, way, place.device,
                                   torch.bfloat16 if precision == "bf16" else None, decoder,
-                                  resolve_training_attention(settings.attention, place.device))
+                                  resolve_training_attention(settings.attention, place.device), head)
                 seconds = time.perf_counter() - t0
                 for lane in lanes:
                     lane.optimizer.zero_grad(set_to_none=True)

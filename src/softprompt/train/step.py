@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from softprompt.core import keys
 from softprompt.models.training_attention import training_attention
-from softprompt.models.fast_loss import prompt_tuning_loss
+from softprompt.models.fast_loss import NllSum, nll_sum, prompt_tuning_loss
 from softprompt.models.methods import virtual_tokens_in_logits
 
 
@@ -40,12 +40,13 @@ class StepResult:
 
 def train_step(lanes: list, batches: list[dict[str, torch.Tensor]], base, step: int, *, forward: str,
                device: torch.device, autocast: torch.dtype | None, world: int = 1,
-               decoder: torch.nn.Module | None = None, attention: str = "model") -> StepResult:
+               decoder: torch.nn.Module | None = None, attention: str = "model", head: NllSum = nll_sum) -> StepResult:
     """Step `step` (0-based) of every lane on its batch (`batches[i]` for `lanes[i]`, on the host).
-    `decoder`: the base's decoder compiled (softprompt.train.compile), for the hidden-state loss.
+    `decoder`, `head`: the base's decoder and the loss's head, compiled or cast-free
+    (softprompt.train.compile), for the hidden-state loss.
     `attention`: training.attention resolved (softprompt.models.training_attention)."""
     local_tokens = [len(b["labelled"]) for b in batches]  # the rows' own tokens, counted on the host
-    values = forward_backward(lanes, batches, base, forward, device, autocast, decoder, attention)
+    values = forward_backward(lanes, batches, base, forward, device, autocast, decoder, attention, head)
     if world > 1:
         values, tokens = _over_ranks(lanes, values, local_tokens, device, world)
     else:
@@ -79,19 +80,20 @@ def log_row(step: int, loss: float, lr: float, grad_norm: float, per_epoch: int)
 
 def forward_backward(lanes: list, batches: list[dict], base, forward: str, device: torch.device,
                       autocast: torch.dtype | None, decoder: torch.nn.Module | None = None,
-                      attention: str = "model") -> list[float]:
+                      attention: str = "model", head: NllSum = nll_sum) -> list[float]:
     """Each lane's loss value on this rank; gradients are in each lane's prompt. A lane whose loss
     is not finite gets no backward. `attention`: training.attention resolved."""
     with training_attention(base, attention) as in_forward:
-        return _forward_backward(lanes, batches, base, forward, device, autocast, decoder, in_forward)
+        return _forward_backward(lanes, batches, base, forward, device, autocast, decoder, in_forward, head)
 
 
 def _forward_backward(lanes: list, batches: list[dict], base, forward: str, device: torch.device,
-                      autocast: torch.dtype | None, decoder: torch.nn.Module | None, in_forward) -> list[float]:
+                      autocast: torch.dtype | None, decoder: torch.nn.Module | None, in_forward,
+                      head: NllSum) -> list[float]:
     if forward == "concat" and len(lanes) > 1:
         with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None), \
                 in_forward():
-            losses = concat_losses(lanes, batches, base, device, decoder)
+            losses = concat_losses(lanes, batches, base, device, decoder, head)
         values = [float(loss.detach()) for loss in losses]
         finite = [loss for loss, v in zip(losses, values) if math.isfinite(v)]
         if finite:
@@ -107,7 +109,7 @@ def _forward_backward(lanes: list, batches: list[dict], base, forward: str, devi
                 n = virtual_tokens_in_logits(lane.model)
                 positions = _positions(batch["labelled"], n, n + batch["input_ids"].shape[1] - 1).to(device)
                 loss = prompt_tuning_loss(lane.model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
-                                          positions=positions, decoder=decoder)
+                                          positions=positions, decoder=decoder, head=head)
             else:  # PEFT's forward: the mean NLL over the labelled tokens, as the fast loss
                 loss = lane.model(**inputs).loss
         value = loss.item()  # the step's one sync per lane: the finiteness check and the logged loss
@@ -149,7 +151,7 @@ def _positions(labelled: torch.Tensor, n_virtual: int, width: int) -> torch.Tens
 
 
 def concat_losses(lanes: list, batches: list[dict], base, device: torch.device,
-                  decoder: torch.nn.Module | None = None) -> list[torch.Tensor]:
+                  decoder: torch.nn.Module | None = None, head: NllSum = nll_sum) -> list[torch.Tensor]:
     """One forward through the frozen base for the rows of all lanes, each row behind its own
     lane's soft prompt: `[prompt_j, text, padding]`, right-padded to the longest. Returns each
     lane's mean NLL over its own labelled tokens (what `prompt_tuning_loss` returns for it alone)."""
@@ -180,6 +182,6 @@ def concat_losses(lanes: list, batches: list[dict], base, device: torch.device,
         keep = _positions(batch["labelled"], piece.shape[1] - batch["input_ids"].shape[1], width - 1).to(device)
         picked = hidden[rows].reshape(-1, hidden.shape[-1]).index_select(0, keep)
         targets = target[rows].reshape(-1).index_select(0, keep)
-        nll = F.cross_entropy(lm_head(picked).float(), targets, reduction="sum")
+        nll = head(lm_head, picked, targets)
         losses.append(nll / len(batch["labelled"]))
     return losses
