@@ -8,9 +8,9 @@ sharing one graph; and that loss's head (lm_head, fp32 softmax, cross-entropy). 
 run says so in one line. Evaluation and generation run eager: they would compile graphs of their
 own (other shapes, the KV cache) that one training run cannot repay.
 
-Measured on the 2-core Zen 4 (docs/speed.md): compiling the layers takes 27-39 s cold (the whole
-decoder as one graph took 248 s), and the compiled step is 7-16 % faster than the eager one, so a
-pack of a few hundred lane-steps repays it and a single short run does not: `auto` compiles CPU
+Measured on the 2-core Zen 4 (docs/speed.md): compiling the layers and the head takes 27-40 s cold
+(the whole decoder as one graph took 248 s), and the compiled step is 12-18 % faster than the eager
+one, so a pack of a few hundred lane-steps repays it and a single short run does not: `auto` compiles CPU
 packs of at least AUTO_MIN_LANE_STEPS lane-steps. On GPUs it is not measured yet
 (scripts/device_check.sh times it), so `auto` leaves it off there.
 """
@@ -30,11 +30,11 @@ _BACKEND_FOR_TESTS = "SOFTPROMPT_TEST_COMPILE_BACKEND"
 
 
 # `auto` compiles a CPU pack of at least this many lane-steps (a trunk's step counts once). Measured
-# on the 2-core Zen 4 (docs/speed.md): compiling SmolLM2's layers costs 27-39 s cold (8-16 s from
-# inductor's warm on-disk cache) and saves 0.13-0.31 s a lane-step, so it pays from ~130-300
-# lane-steps; auto asks for the worst case. A 6-epoch run on the prompts CSV is 102 steps
-# (not compiled), the seed grid 510 (compiled).
-AUTO_MIN_LANE_STEPS = 300
+# on the 2-core Zen 4 (docs/speed.md): compiling SmolLM2's layers and the loss's head costs 27-40 s
+# cold (8-16 s from inductor's warm on-disk cache) and saves 0.23-0.38 s a lane-step, so it pays
+# from ~50-170 lane-steps; auto asks for the worst case. A 6-epoch run on the prompts CSV is 102
+# steps (not compiled), the seed grid 510 (compiled).
+AUTO_MIN_LANE_STEPS = 200
 
 
 def _compilers(device: torch.device) -> tuple[str, list[str]]:
