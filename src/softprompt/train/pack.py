@@ -517,13 +517,11 @@ def _train(members: list[Member], lanes: list[Lane], waiting: list[Trained], ste
         saved = None
         if main and (lanes or waiting) and (trained_now or (settings.save_every_epoch and end_of_epoch)
                                             or (save_every and step % save_every == 0)):
-            saved = _save(checkpoint_root, step, lanes, waiting, members, forward, calibration,
-                              compiled)
+            saved = _save(checkpoint_root, step, lanes, waiting, members, forward, calibration, compiled)
         signum = place.any_rank(watch.requested()) if lanes else None
         if signum:
             if main and saved is None:
-                saved = _save(checkpoint_root, step, lanes, waiting, members, forward, calibration,
-                              compiled)
+                saved = _save(checkpoint_root, step, lanes, waiting, members, forward, calibration, compiled)
             bar.close()
             raise preemption.Preempted(signum, step, saved)
         _flush_due(waiting, loaded, clock, log, flush_rows, final=not lanes, place=place)
