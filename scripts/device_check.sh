@@ -6,7 +6,9 @@
 #      (scripts/bench.py), and the same step with training.torch_compile=true and with eager attention
 #      (training.attention=eager: the CPUs' default; auto keeps the model's own SDPA on a GPU);
 #   3. sweeps/pack_small.yaml alone vs shared, with training.pack_forward=turns and =concat
-#      (scripts/bench.py --sweep).
+#      (scripts/bench.py --sweep);
+#   4. a padding-free (packed) step against the padded one (scripts/bench.py --packing): on a GPU
+#      flex_attention has a backward and SDPA's kernels take the per-row mask, unlike on CPUs.
 # Everything lands in one JSON (default device-check.json; the parts in device-check/).
 #
 #   bash scripts/device_check.sh                         # on the GPU machine: SmolLM2, the bundled sample
@@ -70,17 +72,22 @@ single() {
     part single 300 "$PY" scripts/bench.py --model "$MODEL" --device "$DEVICE" "${STEPS[@]}" "${VARIANTS[@]}" \
         --out "$PARTS/single.json"
 }
+packing() {
+    part packing 120 "$PY" scripts/bench.py --packing --model "$MODEL" --device "$DEVICE" "${STEPS[@]}" \
+        --out "$PARTS/packing.json"
+}
 pack() {  # pack FORWARD: sweeps/pack_small.yaml alone vs shared with that pack forward
     part "pack-$1" "$PACK_LIMIT" "$PY" scripts/bench.py --sweep sweeps/pack_small.yaml --root "$PARTS/pack-$1-runs" \
         --out "$PARTS/pack-$1.json" "${SWEEP_SET[@]}" training.device="$DEVICE" training.pack_forward="$1"
 }
 if [ "$QUICK" = 1 ]; then  # a dry run: every part side by side (process start-up is most of a tiny bench)
-    tests & single & pack turns & pack concat & wait
+    tests & single & pack turns & pack concat & packing & wait
 else  # timed: one after the other
     tests
     single
     pack turns
     pack concat
+    packing
 fi
 
 "$PY" - "$PARTS" "$OUT" "$DEVICE" "$STARTED" <<'EOF'
@@ -89,7 +96,7 @@ from pathlib import Path
 
 parts, out, device, started = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 result = {"device": device, "wall_s": round(time.time() - started, 1)}
-for name in ("tests", "single", "pack-turns", "pack-concat"):
+for name in ("tests", "single", "pack-turns", "pack-concat", "packing"):
     status = json.loads((parts / f"{name}.status.json").read_text())
     log = (parts / f"{name}.log").read_text(errors="replace").strip().splitlines()
     data = parts / f"{name}.json"
@@ -109,9 +116,11 @@ result["summary"] = {
     **{f"pack_{f}_ratio": result[f"pack-{f}"].get("result", {}).get("ratio") for f in ("turns", "concat")},
     **{f"pack_{f}_max_rel_diff": result[f"pack-{f}"].get("result", {}).get("max_rel_diff_eval_perplexity")
        for f in ("turns", "concat")},
+    "packed_step_against_padded": result["packing"].get("result", {}).get("against_padded"),
+    "packed_step_unavailable": result["packing"].get("result", {}).get("unavailable"),
 }
 out.write_text(json.dumps(result, indent=2) + "\n")
 print(json.dumps(result["summary"], indent=2))
-failed = [name for name in ("tests", "single", "pack-turns", "pack-concat") if result[name]["rc"] != 0]
+failed = [name for name in ("tests", "single", "pack-turns", "pack-concat", "packing") if result[name]["rc"] != 0]
 sys.exit(1 if failed else 0)
 EOF

@@ -389,6 +389,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="instead: where one training step's time goes (torch.profiler; --steps profiled steps, "
                         "default 4)")
+    p.add_argument("--packing", action="store_true",
+                   help="instead: a padding-free (packed) step against the padded one (--steps batches, default 4)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     return p.parse_args(argv)
 
@@ -405,7 +407,8 @@ def main(argv=None) -> int:
     `--sweep SWEEP.yaml --halving`: its early termination (hyperband) vs its full grid, both shared.
     With `--run-split`: where the wall time of one `make run` goes (`run_split`).
     With `--memory`: peak memory per base and setting (softprompt.experiments.memory_bench).
-    With `--profile`: where one training step's time goes (softprompt.experiments.step_profile)."""
+    With `--profile`: where one training step's time goes (softprompt.experiments.step_profile).
+    With `--packing`: a padding-free step against the padded one (softprompt.experiments.packing_bench)."""
     args = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--sweep" or a.startswith("--sweep=") for a in args):
         from softprompt.experiments.sweep_bench import main as sweep_main
@@ -423,6 +426,11 @@ def main(argv=None) -> int:
         from softprompt.experiments.step_profile import run_profile
 
         run_profile(args)
+        return 0
+    if "--packing" in args:
+        from softprompt.experiments.packing_bench import run_packing
+
+        run_packing(args)
         return 0
     measure(argv)
     return 0
