@@ -176,15 +176,14 @@ def test_device_check_dry_run_on_the_cpu_writes_one_json(tmp_path):
                             env=child_env({"PYTHON": sys.executable}), capture_output=True, text=True, timeout=480)
     assert result.returncode == 0, result.stderr[-3000:]
     check = json.loads(out.read_text())
-    parts = ("tests", "single", "pack-turns", "pack-concat", "packing")
-    assert check["device"] == "cpu" and {*parts, "summary"} <= set(check)
+    parts = ("tests", "single", "pack-turns", "pack-concat")  # --quick leaves the packing bench out
+    assert check["device"] == "cpu" and {*parts, "summary"} <= set(check) and "packing" not in check
     assert all(check[name]["rc"] == 0 for name in parts)
     summary = check["summary"]
     assert summary["ratio_vs_seed_recipe"] > 0 and 0 < summary["mfu"] < 1
     assert summary["pack_turns_max_rel_diff"] == 0.0  # turns: each job computes what it computes alone
     assert summary["pack_concat_max_rel_diff"] is not None and summary["pack_turns_ratio"] > 0
-    assert summary["packed_step_against_padded"]["padded"] == 1.0
-    assert summary["packed_step_against_padded"]["packed_sdpa"] > 0
+    assert summary["packed_step_against_padded"] is None
     _check_single_bench(check["single"]["result"])
     _check_sweep_bench(check["pack-turns"]["result"], out.with_suffix("") / "pack-turns-runs")
 
