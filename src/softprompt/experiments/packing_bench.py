@@ -30,10 +30,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from softprompt.core.errors import report_and_exit
-from softprompt.models.fast_loss import prompt_tuning_loss
+from softprompt.models.fast_loss import nll_sum, prompt_tuning_loss
 from softprompt.models.training_attention import implementation_of
 
 PACKED = ("eager", "sdpa", "flex_attention")  # the attention implementations a packed step is timed with
@@ -61,8 +60,8 @@ def packed_loss(peft_model, input_ids: torch.Tensor, attention_mask: torch.Tenso
                      attention_mask=None, use_cache=False).last_hidden_state[0]
     target = torch.cat(targets)
     keep = (target != -100).nonzero().squeeze(1)
-    logits = base.get_output_embeddings()(hidden.index_select(0, keep))
-    return F.cross_entropy(logits.float(), target.index_select(0, keep), reduction="sum") / keep.numel()
+    return nll_sum(base.get_output_embeddings(), hidden.index_select(0, keep), target.index_select(0, keep)) \
+        / keep.numel()
 
 
 def _with_attention(base, implementation: str, fn):
